@@ -1,0 +1,7 @@
+"""``python -m backupd``."""
+
+import sys
+
+from backupd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The ``backupd`` command line: global options, verb dispatch, exit codes, one-line errors.
+
+Exit codes (also in ``backupd --help`` and the README):
+0 success, 1 the backup or operation failed, 2 usage or configuration error,
+3 busy (another run holds the VM's lock), 4 verify found damage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from backupd import __version__
+from backupd.commands import VERBS, CommandContext
+from backupd.errors import BackupdError, ExitCode
+
+DEFAULT_CONFIG = Path("/etc/backupd/backupd.yaml")
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  the backup or operation failed (nothing half-written is left looking complete)
+  2  usage or configuration error
+  3  busy: another backupd run holds the VM's lock
+  4  verify found damage in the repository
+  130 interrupted
+
+examples:
+  backupd -c /etc/backupd/backupd.yaml run --vm guest1
+  backupd run --all
+  backupd list --vm guest1
+  backupd restore --vm guest1 --disk vda --output /var/tmp/vda.raw
+"""
+
+log = logging.getLogger("backupd")
+
+
+def _load_verbs() -> list[ModuleType]:
+    modules = []
+    for verb in VERBS:
+        try:
+            modules.append(importlib.import_module(f"backupd.commands.{verb}"))
+        except ModuleNotFoundError as err:
+            if err.name != f"backupd.commands.{verb}":
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupd",
+        description="Incremental, point-in-time-consistent backups of running qemu VMs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"backupd {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default: $BACKUPD_CONFIG, then {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe messages to log (default: info)",
+    )
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output, warnings and errors only"
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for module in _load_verbs():
+        verb_parser = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(command=module)
+    return parser
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        return Path(args.config)
+    env = os.environ.get("BACKUPD_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    try:
+        from backupd import logs
+    except ModuleNotFoundError:
+        level = logging.WARNING if args.quiet else getattr(logging, args.log_level.upper())
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+        return
+    logs.setup(level=args.log_level, json=args.log_json, quiet=args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    context = CommandContext(config_path=config_path(args), quiet=args.quiet)
+    try:
+        code: int = args.command.execute(args, context)
+        return code
+    except BackupdError as err:
+        log.error("%s", err)
+        print(f"backupd: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("backupd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: still one line for the user, details in debug log
+        log.debug("unexpected error", exc_info=True)
+        print(
+            f"backupd: internal error: {type(err).__name__}: {err} "
+            "(run with --log-level debug for details)",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Plain values the NBD client hands out: extents, block sizes, export listings, TLS options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One extent of a meta context: ``length`` bytes at ``offset`` with context ``flags``."""
+
+    offset: int
+    length: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSize:
+    """Block size constraints of an export (NBD_INFO_BLOCK_SIZE)."""
+
+    minimum: int
+    preferred: int
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportListing:
+    """One entry of NBD_OPT_LIST: an export name and its optional description."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class TLSOptions:
+    """X.509 TLS settings for NBD_OPT_STARTTLS.
+
+    ``ca_file`` verifies the server; ``cert_file``/``key_file`` authenticate the client.
+    When TLS is asked for, the client never falls back to plaintext.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = None
+    verify: bool = True
