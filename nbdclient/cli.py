@@ -1,0 +1,174 @@
+"""``nbdclient``: inspect and copy NBD exports from the command line.
+
+    nbdclient info URI [--json]         size, flags, block sizes, meta contexts
+    nbdclient list URI                  export names and descriptions
+    nbdclient contexts URI [QUERY...]   meta contexts (e.g. qemu: or qemu:dirty-bitmap:)
+    nbdclient map URI [--context C]     extents of a meta context (--json)
+    nbdclient copy URI DEST             DEST: a file, null:, or another NBD URI
+
+Exit codes: 0 success, 1 NBD error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __name__ as _pkg
+from .client import connect, list_exports, list_meta_contexts
+from .constants import BASE_ALLOCATION
+from .copy import copy_to_file, copy_to_nbd
+from .errors import NBDError
+from .extents import iter_block_status
+from .uri import parse_uri
+
+
+async def _info(args: argparse.Namespace) -> int:
+    contexts = await list_meta_contexts(args.uri, timeout=args.timeout)
+    async with await connect(args.uri, meta_contexts=contexts, timeout=args.timeout) as client:
+        flags = [f.name for f in type(client.flags) if f in client.flags and f.name]
+        data = {
+            "export": client.export_name,
+            "description": client.description,
+            "size": client.size,
+            "flags": flags,
+            "block_size": {
+                "minimum": client.block_size.minimum,
+                "preferred": client.block_size.preferred,
+                "maximum": client.block_size.maximum,
+            },
+            "structured_replies": client.structured_replies,
+            "extended_headers": client.extended_headers,
+            "tls": client.tls,
+            "meta_contexts": sorted(client.meta_contexts),
+        }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            if isinstance(value, list):
+                value = " ".join(value) or "-"
+            elif isinstance(value, dict):
+                value = " ".join(f"{k}={v}" for k, v in value.items())
+            print(f"{key}: {value}")
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    for export in await list_exports(args.uri, timeout=args.timeout):
+        print(export.name if not export.description else f"{export.name}\t{export.description}")
+    return 0
+
+
+async def _contexts(args: argparse.Namespace) -> int:
+    for name in await list_meta_contexts(args.uri, queries=args.query, timeout=args.timeout):
+        print(name)
+    return 0
+
+
+async def _map(args: argparse.Namespace) -> int:
+    async with await connect(args.uri, meta_contexts=[args.context], timeout=args.timeout) as c:
+        rows = [
+            {"offset": e.offset, "length": e.length, "flags": e.flags}
+            async for e in iter_block_status(c, args.context)
+        ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['offset']:>16} {row['length']:>16} {row['flags']:>4}")
+    return 0
+
+
+async def _copy(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    request_size = args.request_size << 20
+    if args.destination.startswith(("nbd:", "nbds:", "nbd+", "nbds+")):
+        stats = await copy_to_nbd(
+            args.source, args.destination, requests=args.requests, request_size=request_size
+        )
+    else:
+        stats = await copy_to_file(
+            args.source,
+            args.destination,
+            requests=args.requests,
+            connections=args.connections,
+            request_size=request_size,
+        )
+    if not args.quiet:
+        took = time.monotonic() - start
+        rate = stats.bytes_read / took / (1 << 20) if took else 0.0
+        print(
+            f"copied {stats.bytes_read} data bytes of {stats.size} ({stats.bytes_zero} zero) "
+            f"in {took:.2f} s, {rate:.0f} MiB/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _uri(text: str) -> str:
+    try:
+        parse_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdclient",
+        description="Inspect and copy NBD exports.",
+        epilog="URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://... "
+        "(TLS: ?tls-certificates=DIR or tls-ca-file=, tls-certificate-file=, tls-key-file=). "
+        "Exit codes: 0 success, 1 NBD error, 2 usage error.",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="handshake timeout (s)")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = sub.add_parser("info", help="size, flags, block sizes and meta contexts of an export")
+    p.add_argument("uri", type=_uri)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_info)
+    p = sub.add_parser("list", help="list the server's exports")
+    p.add_argument("uri", type=_uri)
+    p.set_defaults(run=_list)
+    p = sub.add_parser("contexts", help="list meta contexts (queries like qemu: )")
+    p.add_argument("uri", type=_uri)
+    p.add_argument("query", nargs="*")
+    p.set_defaults(run=_contexts)
+    p = sub.add_parser("map", help="print the extents of a meta context")
+    p.add_argument("uri", type=_uri)
+    p.add_argument("--context", default=BASE_ALLOCATION)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_map)
+    p = sub.add_parser("copy", help="copy an export to a file, null: or an NBD URI")
+    p.add_argument("source", type=_uri)
+    p.add_argument("destination")
+    p.add_argument("--requests", type=int, default=8, help="reads in flight (default 8)")
+    p.add_argument("--connections", type=int, default=4, help="with multi-conn (default 4)")
+    p.add_argument("--request-size", type=int, default=4, help="MiB per read (default 4)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=_copy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = asyncio.run(args.run(args))
+        return result
+    except NBDError as exc:
+        print(f"{_pkg}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{_pkg}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""The asyncio NBD client: connect, then pipelined commands on one connection.
+
+``connect()`` runs the handshake (``_negotiate``) and hands the socket to a
+:class:`~nbdclient._connection.Connection`, the single reader of the transmission
+phase.  Every command method may be called concurrently: ``asyncio.gather`` over many
+``pread_into`` calls keeps that many requests in flight.  Requests larger than the
+server's maximum payload are split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from . import _negotiate as ng
+from . import _transmission as tx
+from ._connection import Connection, Pending
+from ._handshake import ExportInfo
+from .constants import (
+    BASE_ALLOCATION,
+    DEFAULT_MAX_PAYLOAD,
+    Command,
+    CommandFlag,
+    Option,
+    TransmissionFlag,
+)
+from .errors import (
+    ConnectionLostError,
+    NBDError,
+    NBDTimeoutError,
+    StateError,
+    UnsupportedError,
+)
+from .uri import NBDURI, parse_uri
+from .values import BlockSize, ExportListing, Extent, TLSOptions
+
+#: Largest block status request with compact headers (a u32 length, kept aligned).
+_MAX_COMPACT_LENGTH = 0xFFFFFFFF & ~0xFFFF
+
+
+def _resolve(target: str | NBDURI, export: str | None) -> NBDURI:
+    uri = parse_uri(target) if isinstance(target, str) else target
+    if export is not None:
+        uri = uri.with_export(export)
+    return uri
+
+
+def _tls_for(uri: NBDURI, tls: TLSOptions | None) -> TLSOptions | None:
+    return tls if tls is not None else uri.tls
+
+
+async def connect(
+    target: str | NBDURI,
+    *,
+    export: str | None = None,
+    meta_contexts: Sequence[str] = (),
+    tls: TLSOptions | None = None,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    timeout: float = 10.0,
+    request_timeout: float | None = None,
+) -> Client:
+    """Connect to an NBD export and finish the handshake within ``timeout`` seconds."""
+    uri = _resolve(target, export)
+    try:
+        async with asyncio.timeout(timeout):
+            negotiated = await ng.negotiate(
+                uri,
+                export=uri.export,
+                tls=_tls_for(uri, tls),
+                meta_contexts=tuple(meta_contexts),
+                structured_replies=structured_replies,
+                extended_headers=extended_headers,
+            )
+    except TimeoutError as exc:
+        raise NBDTimeoutError(f"NBD handshake with {uri} did not finish in {timeout:g} s") from exc
+    return Client(negotiated, request_timeout=request_timeout)
+
+
+async def list_exports(
+    target: str | NBDURI, *, tls: TLSOptions | None = None, timeout: float = 10.0
+) -> list[ExportListing]:
+    """NBD_OPT_LIST: the server's export names and descriptions."""
+    uri = _resolve(target, None)
+    try:
+        async with asyncio.timeout(timeout):
+            negotiator = await ng.Negotiator.open(uri)
+            try:
+                await negotiator.greeting()
+                tls_options = _tls_for(uri, tls)
+                if tls_options is not None:
+                    await negotiator.starttls(tls_options, uri.host)
+                return await negotiator.list_exports()
+            finally:
+                await negotiator.abort()
+    except TimeoutError as exc:
+        raise NBDTimeoutError(f"listing exports of {uri} took longer than {timeout:g} s") from exc
+
+
+async def list_meta_contexts(
+    target: str | NBDURI,
+    *,
+    export: str | None = None,
+    queries: Sequence[str] = (),
+    tls: TLSOptions | None = None,
+    timeout: float = 10.0,
+) -> list[str]:
+    """NBD_OPT_LIST_META_CONTEXT: the contexts of an export matching ``queries``
+    (e.g. ``"qemu:"``, ``"qemu:dirty-bitmap:"``; none = all)."""
+    uri = _resolve(target, export)
+    try:
+        async with asyncio.timeout(timeout):
+            negotiator = await ng.Negotiator.open(uri)
+            try:
+                await negotiator.greeting()
+                tls_options = _tls_for(uri, tls)
+                if tls_options is not None:
+                    await negotiator.starttls(tls_options, uri.host)
+                await negotiator.negotiate_replies(structured=True, extended=True)
+                contexts = await negotiator.meta_context_option(
+                    Option.LIST_META_CONTEXT, uri.export, tuple(queries)
+                )
+                return list(contexts)
+            finally:
+                await negotiator.abort()
+    except TimeoutError as exc:
+        raise NBDTimeoutError(f"listing meta contexts of {uri} took too long") from exc
+
+
+async def query_export(
+    target: str | NBDURI,
+    *,
+    export: str | None = None,
+    tls: TLSOptions | None = None,
+    timeout: float = 10.0,
+) -> ExportInfo:
+    """NBD_OPT_INFO: size, flags, name, description and block sizes, without connecting."""
+    uri = _resolve(target, export)
+    async with asyncio.timeout(timeout):
+        negotiator = await ng.Negotiator.open(uri)
+        try:
+            await negotiator.greeting()
+            tls_options = _tls_for(uri, tls)
+            if tls_options is not None:
+                await negotiator.starttls(tls_options, uri.host)
+            await negotiator.negotiate_replies(structured=True, extended=True)
+            info = await negotiator.info_or_go(Option.INFO, uri.export)
+            if info is None:
+                raise UnsupportedError("server does not support NBD_OPT_INFO")
+            return info
+        finally:
+            await negotiator.abort()
+
+
+class Client:
+    """One connected NBD export.  Use as an async context manager, or call
+    :meth:`disconnect` when done."""
+
+    def __init__(self, negotiated: ng.Negotiated, *, request_timeout: float | None = None) -> None:
+        info = negotiated.info
+        assert info.size is not None
+        self.export_name = info.name if info.name is not None else negotiated.export
+        self.description = info.description
+        self.size: int = info.size
+        self.flags = TransmissionFlag(info.flags & 0x1FFF)
+        self.block_size = info.block_size or BlockSize(1, 4096, DEFAULT_MAX_PAYLOAD)
+        self.meta_contexts: Mapping[str, int] = dict(negotiated.meta_contexts)
+        self.structured_replies = negotiated.structured_replies
+        self.extended_headers = negotiated.extended_headers
+        self.tls = negotiated.tls
+        self.request_timeout = request_timeout
+        maximum = self.block_size.maximum
+        if maximum in (0, 0xFFFFFFFF) or maximum > DEFAULT_MAX_PAYLOAD:
+            maximum = DEFAULT_MAX_PAYLOAD
+        minimum = self.block_size.minimum
+        self.max_request = max(minimum, maximum - maximum % minimum)
+        self._cookies = itertools.count(1)
+        self._closed = False
+        self._writer = negotiated.writer
+        self._conn = Connection(
+            structured=self.structured_replies or self.extended_headers,
+            extended=self.extended_headers,
+            size=self.size,
+            contexts={v: k for k, v in self.meta_contexts.items()},
+        )
+        transport = negotiated.writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        self._conn.connection_made(transport)
+        transport.set_protocol(self._conn)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    def __repr__(self) -> str:
+        return f"<nbdclient.Client export={self.export_name!r} size={self.size}>"
+
+    # ---- capabilities ---------------------------------------------------------------
+
+    def get_size(self) -> int:
+        return self.size
+
+    def _has(self, flag: TransmissionFlag) -> bool:
+        return flag in self.flags
+
+    def is_read_only(self) -> bool:
+        return self._has(TransmissionFlag.READ_ONLY)
+
+    def can_flush(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FLUSH)
+
+    def can_fua(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FUA)
+
+    def can_trim(self) -> bool:
+        return self._has(TransmissionFlag.SEND_TRIM)
+
+    def can_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
+
+    def can_fast_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FAST_ZERO)
+
+    def can_df(self) -> bool:
+        return self._has(TransmissionFlag.SEND_DF) and self.structured_replies
+
+    def can_cache(self) -> bool:
+        return self._has(TransmissionFlag.SEND_CACHE)
+
+    def can_multi_conn(self) -> bool:
+        return self._has(TransmissionFlag.CAN_MULTI_CONN)
+
+    def can_block_status(self, context: str = BASE_ALLOCATION) -> bool:
+        return context in self.meta_contexts
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._conn.closed_error is not None
+
+    # ---- requests -------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int, *, payload: bool) -> None:
+        if self._closed:
+            raise StateError("the NBD client is disconnected")
+        if self._conn.closed_error is not None:
+            raise self._conn.closed_error
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"request [{offset}, +{length}) outside the export (size {self.size})")
+        minimum = self.block_size.minimum
+        unaligned_end = length % minimum and offset + length != self.size
+        if minimum > 1 and (offset % minimum or unaligned_end):
+            raise ValueError(f"request [{offset}, +{length}) not aligned to {minimum} bytes")
+
+    async def _request(
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        *,
+        flags: int = 0,
+        payload: bytes | bytearray | memoryview | None = None,
+        buf: memoryview | None = None,
+        req_one: bool = False,
+    ) -> Any:
+        conn = self._conn
+        if conn.closed_error is not None:
+            raise conn.closed_error
+        cookie = next(self._cookies)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        pending = Pending(cookie, command, offset, length, future, buf, req_one)
+        conn.pending[cookie] = pending
+        wire_length = length
+        if payload is not None and self.extended_headers:
+            flags |= CommandFlag.PAYLOAD_LEN
+            wire_length = len(payload)
+        header = tx.encode_request(
+            command, flags, cookie, offset, wire_length, extended=self.extended_headers
+        )
+        if payload is not None:
+            conn.send(header, payload)
+            await conn.drain()
+        else:
+            conn.send(header)
+        try:
+            if self.request_timeout is None:
+                return await future
+            async with asyncio.timeout(self.request_timeout):
+                return await future
+        except TimeoutError as exc:
+            pending.buf = None
+            raise NBDTimeoutError(
+                f"{command.name} request did not complete in {self.request_timeout:g} s"
+            ) from exc
+        except asyncio.CancelledError:
+            pending.buf = None  # the reply is still consumed, into nowhere
+            raise
+
+    def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.max_request
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    async def pread_into(
+        self, buf: bytearray | memoryview, offset: int, *, df: bool = False
+    ) -> None:
+        """Fill ``buf`` with the export's bytes at ``offset`` (holes read as zeros)."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check(offset, length, payload=False)
+        if length == 0:
+            return
+        flags = CommandFlag.DF if df and self.can_df() else 0
+        if length <= self.max_request:
+            await self._request(Command.READ, offset, length, flags=flags, buf=view)
+            return
+        parts = self._split(offset, length)
+        await asyncio.gather(
+            *(
+                self._request(
+                    Command.READ, o, n, flags=flags, buf=view[o - offset : o - offset + n]
+                )
+                for o, n in parts
+            )
+        )
+
+    async def pread(self, length: int, offset: int, *, df: bool = False) -> bytes:
+        buf = bytearray(length)
+        await self.pread_into(buf, offset, df=df)
+        return bytes(buf)
+
+    async def pwrite(
+        self, data: bytes | bytearray | memoryview, offset: int, *, fua: bool = False
+    ) -> None:
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), payload=True)
+        if self.is_read_only():
+            raise UnsupportedError("the export is read-only")
+        flags = self._fua(fua)
+        await asyncio.gather(
+            *(
+                self._request(
+                    Command.WRITE, o, n, flags=flags, payload=view[o - offset : o - offset + n]
+                )
+                for o, n in self._split(offset, len(view))
+            )
+        )
+
+    def _fua(self, fua: bool) -> int:
+        if fua and not self.can_fua():
+            raise UnsupportedError("server does not support FUA")
+        return CommandFlag.FUA if fua else 0
+
+    async def zero(
+        self,
+        length: int,
+        offset: int,
+        *,
+        no_hole: bool = False,
+        fast_zero: bool = False,
+        fua: bool = False,
+    ) -> None:
+        self._check(offset, length, payload=False)
+        if not self.can_zero():
+            raise UnsupportedError("server does not support WRITE_ZEROES")
+        if fast_zero and not self.can_fast_zero():
+            raise UnsupportedError("server does not support FAST_ZERO")
+        flags = self._fua(fua)
+        if no_hole:
+            flags |= CommandFlag.NO_HOLE
+        if fast_zero:
+            flags |= CommandFlag.FAST_ZERO
+        step = _MAX_COMPACT_LENGTH if not self.extended_headers else 1 << 40
+        for o in range(offset, offset + length, step):
+            await self._request(
+                Command.WRITE_ZEROES, o, min(step, offset + length - o), flags=flags
+            )
+
+    async def trim(self, length: int, offset: int, *, fua: bool = False) -> None:
+        self._check(offset, length, payload=False)
+        if not self.can_trim():
+            raise UnsupportedError("server does not support TRIM")
+        flags = self._fua(fua)
+        step = _MAX_COMPACT_LENGTH if not self.extended_headers else 1 << 40
+        for o in range(offset, offset + length, step):
+            await self._request(Command.TRIM, o, min(step, offset + length - o), flags=flags)
+
+    async def flush(self) -> None:
+        if not self.can_flush():
+            raise UnsupportedError("server does not support FLUSH")
+        self._check(0, 0, payload=False)
+        await self._request(Command.FLUSH, 0, 0)
+
+    async def cache(self, length: int, offset: int) -> None:
+        self._check(offset, length, payload=False)
+        if not self.can_cache():
+            raise UnsupportedError("server does not support CACHE")
+        for o, n in self._split(offset, length):
+            await self._request(Command.CACHE, o, n)
+
+    async def block_status(
+        self, length: int, offset: int, *, req_one: bool = False
+    ) -> dict[str, list[Extent]]:
+        """Extents per negotiated meta context, starting at ``offset``.
+
+        Each context's extents are clipped to ``[offset, offset + length)`` and the
+        export size; a context may cover less than ``length`` (callers loop).
+        """
+        if not self.meta_contexts:
+            raise UnsupportedError("no meta context was negotiated; block status is unavailable")
+        self._check(offset, length, payload=False)
+        if length == 0:
+            return {name: [] for name in self.meta_contexts}
+        if not self.extended_headers:
+            length = min(length, _MAX_COMPACT_LENGTH)
+        flags = CommandFlag.REQ_ONE if req_one else 0
+        result: dict[str, list[Extent]] = await self._request(
+            Command.BLOCK_STATUS, offset, length, flags=flags, req_one=req_one
+        )
+        return result
+
+    async def disconnect(self) -> None:
+        """NBD_CMD_DISC, then close the socket.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn.closed_error is None:
+            with contextlib.suppress(NBDError, OSError):
+                conn.send(
+                    tx.encode_request(Command.DISC, 0, 0, 0, 0, extended=self.extended_headers)
+                )
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(conn.lost), 2.0)
+        if conn.closed_error is None:
+            conn.closed_error = ConnectionLostError("NBD client disconnected")

@@ -1,0 +1,136 @@
+"""Extent helpers: walk an export's block status in bounded requests, and merge
+``base:allocation`` with a ``qemu:dirty-bitmap:NAME`` context into one extent list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from .client import Client
+from .constants import BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO
+from .errors import RemoteProtocolError, UnsupportedError
+from .values import Extent
+
+DEFAULT_WINDOW = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class MappedExtent:
+    """A range of the export: whether it reads as zero, is a hole, and is dirty."""
+
+    offset: int
+    length: int
+    zero: bool
+    hole: bool
+    dirty: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def data(self) -> bool:
+        """True when the range holds data that must be read (not known to be zero)."""
+        return not self.zero
+
+
+def _require(client: Client, context: str) -> None:
+    if context not in client.meta_contexts:
+        raise UnsupportedError(f"meta context {context!r} was not negotiated with the server")
+
+
+async def iter_block_status(
+    client: Client,
+    context: str = BASE_ALLOCATION,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    window: int = DEFAULT_WINDOW,
+) -> AsyncIterator[Extent]:
+    """Every extent of ``context`` over ``[offset, offset + length)``, in order."""
+    _require(client, context)
+    end = client.size if length is None else min(client.size, offset + length)
+    position = offset
+    while position < end:
+        reply = await client.block_status(min(window, end - position), position)
+        extents = reply.get(context)
+        if not extents:
+            raise RemoteProtocolError(f"block status reply without extents for {context}")
+        for extent in extents:
+            yield extent
+        position = extents[-1].end
+
+
+def merge_extents(
+    allocation: Sequence[Extent], dirty: Sequence[Extent] | None
+) -> list[MappedExtent]:
+    """Combine allocation extents with dirty extents (everything dirty when None).
+
+    Both lists must be contiguous and start at the same offset; the result covers
+    the shorter of the two.  Adjacent ranges with the same state are coalesced.
+    """
+    result: list[MappedExtent] = []
+
+    def emit(offset: int, length: int, flags: int, is_dirty: bool) -> None:
+        zero = bool(flags & STATE_ZERO)
+        hole = bool(flags & STATE_HOLE)
+        if result:
+            last = result[-1]
+            if (last.zero, last.hole, last.dirty) == (zero, hole, is_dirty) and last.end == offset:
+                result[-1] = MappedExtent(last.offset, last.length + length, zero, hole, is_dirty)
+                return
+        result.append(MappedExtent(offset, length, zero, hole, is_dirty))
+
+    if dirty is None:
+        for ext in allocation:
+            emit(ext.offset, ext.length, ext.flags, True)
+        return result
+    i = j = 0
+    if allocation and dirty and allocation[0].offset != dirty[0].offset:
+        raise ValueError("allocation and dirty extents start at different offsets")
+    position = allocation[0].offset if allocation else 0
+    while i < len(allocation) and j < len(dirty):
+        a, d = allocation[i], dirty[j]
+        end = min(a.end, d.end)
+        emit(position, end - position, a.flags, bool(d.flags & STATE_DIRTY))
+        position = end
+        if a.end == end:
+            i += 1
+        if d.end == end:
+            j += 1
+    return result
+
+
+async def map_export(
+    client: Client,
+    *,
+    dirty_context: str | None = None,
+    offset: int = 0,
+    length: int | None = None,
+    window: int = DEFAULT_WINDOW,
+) -> list[MappedExtent]:
+    """``base:allocation`` (and ``dirty_context``) over the range, merged; one request
+    per window carries both contexts."""
+    _require(client, BASE_ALLOCATION)
+    if dirty_context is not None:
+        _require(client, dirty_context)
+    end = client.size if length is None else min(client.size, offset + length)
+    result: list[MappedExtent] = []
+    position = offset
+    while position < end:
+        reply = await client.block_status(min(window, end - position), position)
+        allocation = reply.get(BASE_ALLOCATION) or []
+        dirty = reply.get(dirty_context) if dirty_context is not None else None
+        if not allocation or (dirty_context is not None and not dirty):
+            raise RemoteProtocolError("block status reply without extents")
+        merged = merge_extents(allocation, dirty)
+        if result and merged:
+            last, first = result[-1], merged[0]
+            if (last.zero, last.hole, last.dirty) == (first.zero, first.hole, first.dirty):
+                result[-1] = MappedExtent(
+                    last.offset, last.length + first.length, last.zero, last.hole, last.dirty
+                )
+                merged = merged[1:]
+        result.extend(merged)
+        position = result[-1].end
+    return result
