@@ -179,7 +179,7 @@ class FakeServer:
         self.requests: list[Request] = []
         self.options: list[int] = []
         self._server: asyncio.AbstractServer | None = None
-        self.data = bytearray(self.config.size)
+        self.data = bytearray(min(self.config.size, 64 << 20))
 
     @property
     def uri(self) -> str:
