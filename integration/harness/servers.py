@@ -1,0 +1,141 @@
+"""Real NBD servers for tests: qemu-nbd and nbdkit on private unix sockets, and X.509
+certificates for TLS.  Every launcher kills what it started, by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err.strip()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"socket {path} did not appear")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@contextlib.contextmanager
+def qemu_nbd(
+    image: Path,
+    sock: Path,
+    *,
+    fmt: str = "qcow2",
+    export: str = "exp",
+    read_only: bool = True,
+    shared: int = 8,
+    extra: Sequence[str] = (),
+) -> Iterator[str]:
+    """``qemu-nbd`` serving ``image``; yields the NBD URI."""
+    args = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-x", export, "-t", "-e", str(shared)]
+    if read_only:
+        args.append("-r")
+    proc = subprocess.Popen([*args, *extra, str(image)], stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+        scheme = "nbds+unix" if any("tls-creds" in a for a in extra) else "nbd+unix"
+        yield f"{scheme}:///{export}?socket={sock}"
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def nbdkit(sock: Path, plugin: str, *args: str, filters: Sequence[str] = ()) -> Iterator[str]:
+    """``nbdkit`` with a plugin (and filters) on a unix socket; yields the NBD URI."""
+    cmd = ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock)]
+    for name in filters:
+        cmd += ["--filter", name]
+    proc = subprocess.Popen([*cmd, plugin, *args], stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop(proc)
+
+
+def make_certificates(directory: Path) -> Path:
+    """A CA, a server certificate for ``localhost`` and a client certificate, in the
+    file names qemu's tls-creds-x509 and the NBD URI ``tls-certificates`` use."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            f"{role}-key.pem",
+            "-out",
+            f"{role}.csr",
+        )
+        ext = directory / f"{role}.ext"
+        ext.write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{role}.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.name,
+            "-out",
+            f"{role}-cert.pem",
+        )
+    for key in directory.glob("*-key.pem"):
+        os.chmod(key, 0o600)
+    return directory

@@ -1,0 +1,206 @@
+"""nbdclient against real servers: qemu-nbd (data, holes, dirty bitmaps, TLS, writes),
+nbdkit, and the nbdclient CLI checked against nbdinfo / nbdcopy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nbdclient
+from nbdclient.extents import map_export
+
+from .harness.servers import make_certificates, nbdkit, qemu_nbd
+
+MiB = 1 << 20
+
+
+def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
+    args = ["qemu-io", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A 64 MiB qcow2: data at 1-3 MiB (0xab) and 40 MiB (0xcd), explicit zeros at 8 MiB,
+    and a dirty bitmap b1 covering only the write at 40 MiB."""
+    path = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    qemu_io(path, "write -P 0xab 1M 2M", "write -z 8M 1M")
+    subprocess.run(["qemu-img", "bitmap", "--add", str(path), "b1"], check=True)
+    qemu_io(path, "write -P 0xcd 40M 64k")
+    return path
+
+
+def expected_bytes() -> bytearray:
+    data = bytearray(64 * MiB)
+    data[1 * MiB : 3 * MiB] = b"\xab" * (2 * MiB)
+    data[40 * MiB : 40 * MiB + 65536] = b"\xcd" * 65536
+    return data
+
+
+async def test_qemu_nbd_read_and_block_status(image: Path, sockdir: Path) -> None:
+    with qemu_nbd(image, sockdir / "q.sock", extra=["-B", "b1"]) as uri:
+        contexts = await nbdclient.list_meta_contexts(uri, queries=["qemu:dirty-bitmap:"])
+        assert contexts == ["qemu:dirty-bitmap:b1"]
+        wanted = ["base:allocation", "qemu:dirty-bitmap:b1"]
+        async with await nbdclient.connect(uri, meta_contexts=wanted) as client:
+            assert client.size == 64 * MiB and client.is_read_only()
+            assert client.can_multi_conn()
+            data = bytearray(64 * MiB)
+            step = 4 * MiB
+            await asyncio.gather(
+                *(
+                    client.pread_into(memoryview(data)[o : o + step], o)
+                    for o in range(0, 64 * MiB, step)
+                )
+            )
+            assert data == expected_bytes()
+            mapped = await map_export(client, dirty_context="qemu:dirty-bitmap:b1")
+    data_ranges = [(m.offset, m.length) for m in mapped if not m.zero]
+    assert data_ranges == [(1 * MiB, 2 * MiB), (40 * MiB, 65536)]
+    dirty = [(m.offset, m.length) for m in mapped if m.dirty]
+    assert dirty == [(40 * MiB, 65536)]
+    assert mapped[0].offset == 0 and mapped[-1].end == 64 * MiB
+
+
+async def test_qemu_nbd_writes(tmp_path: Path, sockdir: Path) -> None:
+    path = tmp_path / "w.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    with qemu_nbd(path, sockdir / "w.sock", read_only=False) as uri:
+        async with await nbdclient.connect(uri, meta_contexts=["base:allocation"]) as c:
+            assert c.can_zero() and c.can_trim() and c.can_fast_zero()
+            await c.pwrite(b"\x11" * (3 * MiB), MiB, fua=True)
+            await c.zero(MiB, 2 * MiB)
+            await c.trim(65536, 0)
+            await c.flush()
+            await c.cache(MiB, 0)
+            assert await c.pread(4, MiB) == b"\x11" * 4
+            assert await c.pread(4, 2 * MiB) == bytes(4)
+            with pytest.raises(ValueError, match="outside the export"):
+                await c.pread(512, 16 * MiB - 256)  # refused before it reaches the wire
+    out = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+async def test_qemu_nbd_unknown_export(image: Path, sockdir: Path) -> None:
+    with qemu_nbd(image, sockdir / "q.sock") as uri:
+        with pytest.raises(nbdclient.NegotiationError) as info:
+            await nbdclient.connect(uri, export="nope")
+        assert "not present" in info.value.server_message or info.value.server_message
+
+
+async def test_tls_with_qemu_nbd(image: Path, sockdir: Path, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "pki")
+    creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off"
+    with qemu_nbd(image, sockdir / "t.sock", extra=["--object", creds, "--tls-creds", "tls0"]) as u:
+        # without TLS the server refuses (never plaintext data)
+        with pytest.raises(nbdclient.NegotiationError, match="TLS"):
+            await nbdclient.connect(u.replace("nbds+unix", "nbd+unix"))
+        tls_uri = f"{u}&tls-certificates={certs}"
+        async with await nbdclient.connect(tls_uri, meta_contexts=["base:allocation"]) as c:
+            assert c.tls and c.structured_replies
+            assert await c.pread(4, MiB) == b"\xab" * 4
+        # a client that does not trust the server's CA fails cleanly
+        wrong = make_certificates(tmp_path / "other")
+        with pytest.raises(nbdclient.NegotiationError, match="TLS handshake failed"):
+            await nbdclient.connect(f"{u}&tls-ca-file={wrong}/ca-cert.pem")
+
+
+async def test_nbdkit_memory_and_pipelining(sockdir: Path) -> None:
+    with nbdkit(sockdir / "k.sock", "memory", "32M") as uri:
+        async with await nbdclient.connect(uri, meta_contexts=["base:allocation"]) as c:
+            payload = bytes(range(256)) * 4096  # 1 MiB
+            await asyncio.gather(*(c.pwrite(payload, i * MiB) for i in range(0, 32, 2)))
+            results = await asyncio.gather(*(c.pread(MiB, i * MiB) for i in range(32)))
+            for i, block in enumerate(results):
+                assert block == (payload if i % 2 == 0 else bytes(MiB))
+            mapped = await map_export(c)
+            assert [(m.offset, m.length) for m in mapped if not m.zero] == [
+                (i * MiB, MiB) for i in range(0, 32, 2)
+            ]
+
+
+async def test_nbdkit_error_filter_gives_request_error(sockdir: Path) -> None:
+    with nbdkit(
+        sockdir / "e.sock",
+        "memory",
+        "8M",
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+        filters=["error"],
+    ) as uri:
+        async with await nbdclient.connect(uri) as c:
+            with pytest.raises(nbdclient.RequestError) as info:
+                await c.pread(4096, 0)
+            assert info.value.errno_name == "EIO"
+            await c.pwrite(b"still usable", 0)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdclient", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_against_nbdinfo_and_nbdcopy(image: Path, sockdir: Path, tmp_path: Path) -> None:
+    with qemu_nbd(image, sockdir / "c.sock", extra=["-B", "b1"]) as uri:
+        info = json.loads(run_cli("info", "--json", uri).stdout)
+        ref = json.loads(
+            subprocess.run(
+                ["nbdinfo", "--json", uri], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        assert info["size"] == ref["exports"][0]["export-size"] == 64 * MiB
+        assert "qemu:dirty-bitmap:b1" in info["meta_contexts"]
+        assert run_cli("list", uri).stdout.split() == ["exp"]
+        ours = json.loads(run_cli("map", "--json", uri).stdout)
+        theirs = json.loads(
+            subprocess.run(
+                ["nbdinfo", "--map", "--json", uri], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        assert [(e["offset"], e["length"], e["flags"]) for e in ours] == [
+            (e["offset"], e["length"], e["type"]) for e in theirs
+        ]
+        dirty = json.loads(
+            run_cli("map", "--json", "--context", "qemu:dirty-bitmap:b1", uri).stdout
+        )
+        assert [(e["offset"], e["length"]) for e in dirty if e["flags"] & 1] == [(40 * MiB, 65536)]
+        out = tmp_path / "copy.raw"
+        result = run_cli("copy", uri, str(out))
+        assert result.returncode == 0, result.stderr
+        ref_out = tmp_path / "ref.raw"
+        subprocess.run(["nbdcopy", uri, str(ref_out)], check=True)
+        assert out.read_bytes() == ref_out.read_bytes() == expected_bytes()
+        # thin: only the data is allocated
+        assert out.stat().st_blocks * 512 <= 3 * MiB
+        bad = run_cli("info", "nbd+unix:///exp?socket=/nonexistent/sock")
+        assert bad.returncode == 1 and "cannot connect" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        usage = run_cli("info", "http://example.com/")
+        assert usage.returncode == 2
+
+
+def test_cli_copy_into_nbd_target(image: Path, sockdir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "64M"], check=True)
+    qemu_io(target, "write -P 0x77 8M 1M")  # stale data that must be zeroed
+    with (
+        qemu_nbd(image, sockdir / "s.sock") as src,
+        qemu_nbd(target, sockdir / "d.sock", read_only=False) as dst,
+    ):
+        result = run_cli("copy", src, dst)
+        assert result.returncode == 0, result.stderr
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), str(target)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout
