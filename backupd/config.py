@@ -1,0 +1,298 @@
+"""The configuration file: YAML in, validated immutable objects out.
+
+Every key is known: an unknown or misspelled key is an error that names it
+(``vms.guest1.dsiks``).  Top-level settings are defaults that a VM may override.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backupd.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """VM, disk and backup names end up in paths: no ``/``, no ``..``."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(no '/' and no '..')"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    keep_last: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+
+    @property
+    def configured(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """How disks are read: NBD connections per disk, reads in flight, read size."""
+
+    connections: int = 4
+    requests: int = 8
+    request_size: int = 4 << 20
+    compress: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VMConfig:
+    name: str
+    qmp: str
+    guest_agent: str | None = None
+    disks: tuple[str, ...] | None = None
+    max_chain: int = 14
+    transfer: Transfer = field(default_factory=Transfer)
+    retention: Retention = field(default_factory=Retention)
+    timeout: float = 30.0
+
+    @property
+    def qmp_address(self) -> str | tuple[str, int]:
+        """A unix socket path, or (host, port) for ``host:port``."""
+        if "/" not in self.qmp and re.match(r"^[^:]+:\d+$", self.qmp):
+            host, port = self.qmp.rsplit(":", 1)
+            return host, int(port)
+        return self.qmp
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    repository: Path
+    scratch_dir: Path
+    runtime_dir: Path | None
+    metrics_file: Path | None
+    vms: Mapping[str, VMConfig]
+
+    def vm(self, name: str) -> VMConfig:
+        try:
+            return self.vms[name]
+        except KeyError:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise ConfigError(f"unknown VM {name!r} (configured: {known})") from None
+
+
+_TOP_KEYS = {
+    "repository",
+    "scratch_dir",
+    "runtime_dir",
+    "metrics_file",
+    "vms",
+    "max_chain",
+    "compress",
+    "connections",
+    "requests",
+    "request_size",
+    "keep_last",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "timeout",
+}
+_VM_KEYS = {
+    "qmp",
+    "guest_agent",
+    "disks",
+    "max_chain",
+    "compress",
+    "connections",
+    "requests",
+    "request_size",
+    "keep_last",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "timeout",
+}
+
+
+def _unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    for key in data:
+        if key not in known:
+            path = f"{where}.{key}" if where else str(key)
+            hint = ""
+            close = [k for k in known if _similar(str(key), k)]
+            if close:
+                hint = f" (did you mean {close[0]!r}?)"
+            raise ConfigError(f"unknown configuration key {path!r}{hint}")
+
+
+def _similar(a: str, b: str) -> bool:
+    if abs(len(a) - len(b)) > 2:
+        return False
+    return len(set(a) ^ set(b)) <= 2 and a[:1] == b[:1]
+
+
+def _get(
+    data: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    default: Any = None,
+) -> Any:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(f"{where}{key} must be a number, not {value!r}")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        names = {
+            "str": "a string",
+            "int": "an integer",
+            "bool": "true or false",
+            "list": "a list",
+            "dict": "a mapping",
+        }.get(names, names)
+        raise ConfigError(f"{where}{key} must be {names}, not {value!r}")
+    return value
+
+
+def _positive(value: int | None, name: str, minimum: int = 1) -> int | None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _size(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", value, re.IGNORECASE)
+        if match:
+            scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2).upper()]
+            return int(match.group(1)) * scale
+    raise ConfigError(f"{name} must be a size like 4M, not {value!r}")
+
+
+def _settings(data: Mapping[str, Any], where: str, base: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key in (
+        "max_chain",
+        "connections",
+        "requests",
+        "keep_last",
+        "keep_daily",
+        "keep_weekly",
+        "keep_monthly",
+    ):
+        if key in data:
+            out[key] = _get(data, key, int, where)
+    if "compress" in data:
+        out["compress"] = _get(data, "compress", bool, where)
+    if "timeout" in data:
+        out["timeout"] = float(_get(data, "timeout", (int, float), where))
+    if "request_size" in data:
+        out["request_size"] = _size(data["request_size"], f"{where}request_size")
+    return out
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the configuration file (ConfigError with one clear line)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist (use -c FILE)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: Path) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of keys")
+    _unknown("", data, _TOP_KEYS)
+    repo = _get(data, "repository", str, "")
+    if not repo:
+        raise ConfigError(f"{path}: 'repository' is required")
+    repository = Path(repo)
+    if not repository.is_absolute():
+        repository = (path.parent / repository).resolve()
+    scratch = _get(data, "scratch_dir", str, "")
+    runtime = _get(data, "runtime_dir", str, "")
+    metrics = _get(data, "metrics_file", str, "")
+    defaults = _settings(
+        data,
+        "",
+        {
+            "max_chain": 14,
+            "compress": False,
+            "connections": 4,
+            "requests": 8,
+            "request_size": 4 << 20,
+            "timeout": 30.0,
+        },
+    )
+    vms_data = _get(data, "vms", dict, "", {})
+    vms: dict[str, VMConfig] = {}
+    for name, vm_data in vms_data.items():
+        check_name("VM", str(name))
+        where = f"vms.{name}."
+        if not isinstance(vm_data, dict):
+            raise ConfigError(f"vms.{name} must be a mapping with at least 'qmp'")
+        _unknown(f"vms.{name}", vm_data, _VM_KEYS)
+        qmp = _get(vm_data, "qmp", str, where)
+        if not qmp:
+            raise ConfigError(f"vms.{name}.qmp is required (the VM's QMP socket)")
+        disks = _get(vm_data, "disks", list, where)
+        if disks is not None:
+            if not disks:
+                raise ConfigError(f"vms.{name}.disks must not be empty")
+            for disk in disks:
+                check_name("disk", disk)
+            if len(set(disks)) != len(disks):
+                raise ConfigError(f"vms.{name}.disks names a disk twice")
+        s = _settings(vm_data, where, defaults)
+        _positive(s["max_chain"], f"{where}max_chain", 0)
+        _positive(s["connections"], f"{where}connections")
+        _positive(s["requests"], f"{where}requests")
+        if not 65536 <= s["request_size"] <= 32 << 20:
+            raise ConfigError(f"{where}request_size must be between 64K and 32M")
+        for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+            _positive(s.get(key), f"{where}{key}", 0)
+        vms[str(name)] = VMConfig(
+            name=str(name),
+            qmp=qmp,
+            guest_agent=_get(vm_data, "guest_agent", str, where),
+            disks=tuple(disks) if disks is not None else None,
+            max_chain=s["max_chain"],
+            transfer=Transfer(s["connections"], s["requests"], s["request_size"], s["compress"]),
+            retention=Retention(
+                s.get("keep_last"), s.get("keep_daily"), s.get("keep_weekly"), s.get("keep_monthly")
+            ),
+            timeout=s["timeout"],
+        )
+    return Config(
+        path=path,
+        repository=repository,
+        scratch_dir=Path(scratch) if scratch else repository / ".scratch",
+        runtime_dir=Path(runtime) if runtime else None,
+        metrics_file=Path(metrics) if metrics else None,
+        vms=vms,
+    )

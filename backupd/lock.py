@@ -1,0 +1,48 @@
+"""The per-VM lock: one backup run per VM at a time, and who holds it.
+
+``<vm>/.lock`` is locked with ``flock``: exclusive for a run, shared for readers that
+must not see a backup disappear (serve, restore).  The holder writes its pid, command
+and start time into the file so that a refused run can say who is in the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from backupd.errors import BusyError
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return ""
+    return text
+
+
+@contextlib.contextmanager
+def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
+    """Hold the lock at ``path`` (BusyError when another process holds it)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(path) or "another backupd process"
+            raise BusyError(f"vm {vm} is busy: {holder} holds its lock") from None
+        if not shared:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            what = purpose or " ".join(os.path.basename(a) for a in sys.argv[:3])
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()}) since {since}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,122 @@
+"""The manifest of one backup (``manifest.json``): what was copied, from where, and
+the digests that let ``verify`` prove the stored bytes without the VM."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from backupd.errors import RepositoryError
+
+FORMAT = 1
+KINDS = ("full", "incremental")
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRun:
+    """sha256 of ``length`` stored bytes at ``host_offset`` in the backup file, holding
+    the guest data (or compressed clusters) starting at ``guest_offset``."""
+
+    host_offset: int
+    length: int
+    guest_offset: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRecord:
+    name: str
+    file: str
+    node: str
+    virtual_size: int
+    cluster_size: int
+    bytes_copied: int
+    bytes_stored: int
+    data_extents: int
+    zero_extents: int
+    compressed: bool = False
+    digests: tuple[DigestRun, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    id: str
+    vm: str
+    kind: str
+    parent: str | None
+    created: str
+    qemu_version: str
+    reason: str
+    quiesced: bool
+    duration: float
+    disks: dict[str, DiskRecord] = field(default_factory=dict)
+    status: str = "complete"
+    format: int = FORMAT
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(d.bytes_stored for d in self.disks.values())
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(d.bytes_copied for d in self.disks.values())
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for disk in data["disks"].values():
+            disk["digests"] = [
+                [d["host_offset"], d["length"], d["guest_offset"], d["sha256"]]
+                for d in disk["digests"]
+            ]
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            data = json.loads(text)
+            return cls._from_dict(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepositoryError(f"corrupt manifest {where}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"unsupported manifest format {data.get('format')!r}")
+        if data["kind"] not in KINDS:
+            raise ValueError(f"unknown kind {data['kind']!r}")
+        if data["kind"] == "incremental" and not data["parent"]:
+            raise ValueError("incremental backup without a parent")
+        disks = {}
+        for name, disk in data["disks"].items():
+            digests = tuple(
+                DigestRun(int(h), int(n), int(g), str(s)) for h, n, g, s in disk["digests"]
+            )
+            disks[name] = DiskRecord(
+                name=str(disk["name"]),
+                file=str(disk["file"]),
+                node=str(disk["node"]),
+                virtual_size=int(disk["virtual_size"]),
+                cluster_size=int(disk["cluster_size"]),
+                bytes_copied=int(disk["bytes_copied"]),
+                bytes_stored=int(disk["bytes_stored"]),
+                data_extents=int(disk["data_extents"]),
+                zero_extents=int(disk["zero_extents"]),
+                compressed=bool(disk.get("compressed", False)),
+                digests=digests,
+            )
+        if not disks:
+            raise ValueError("no disks")
+        return cls(
+            id=str(data["id"]),
+            vm=str(data["vm"]),
+            kind=str(data["kind"]),
+            parent=data["parent"],
+            created=str(data["created"]),
+            qemu_version=str(data["qemu_version"]),
+            reason=str(data["reason"]),
+            quiesced=bool(data["quiesced"]),
+            duration=float(data["duration"]),
+            disks=disks,
+            status=str(data["status"]),
+        )

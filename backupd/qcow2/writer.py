@@ -1,0 +1,205 @@
+"""A streaming, write-once qcow2 v3 writer.
+
+Data clusters are appended in the order reads are *issued* (:meth:`Qcow2Writer.allocate`
+hands out host offsets; the caller writes the bytes there with ``os.pwrite`` whenever the
+read completes, in any order).  :meth:`finish` then writes the L2 tables, the L1 table,
+the refcount blocks and table, and the header last, and fsyncs.  Zero ranges become
+zero clusters (they hide the backing file), untouched clusters fall through to the
+backing file, and optional compressed clusters use raw deflate as qemu does.
+
+Memory grows with the number of stored clusters (one dict entry each), never with the
+virtual size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from backupd.qcow2 import layout
+
+
+@dataclass(frozen=True, slots=True)
+class Qcow2Stats:
+    data_clusters: int
+    zero_clusters: int
+    compressed_clusters: int
+    file_size: int
+
+
+class Qcow2Writer:
+    def __init__(
+        self,
+        path: Path,
+        virtual_size: int,
+        *,
+        cluster_size: int = 65536,
+        backing_file: str | None = None,
+        backing_format: str = "qcow2",
+    ) -> None:
+        if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
+            raise ValueError(f"invalid cluster size {cluster_size}")
+        self.path = path
+        self.virtual_size = virtual_size
+        self.cluster_size = cluster_size
+        self.cluster_bits = cluster_size.bit_length() - 1
+        self.backing_file = backing_file
+        self.backing_format = backing_format if backing_file else None
+        self.fd = -1
+        self._next = cluster_size  # cluster 0 holds the header
+        self._l2: dict[int, int] = {}  # guest cluster index -> L2 entry
+        self._compressed_refs: dict[int, int] = {}  # host cluster -> references
+        self._data_clusters = 0
+        self._zero_clusters = 0
+        self._compressed = 0
+        self.finished = False
+
+    @property
+    def guest_clusters(self) -> int:
+        return -(-self.virtual_size // self.cluster_size)
+
+    def open(self) -> Qcow2Writer:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return self
+
+    def _clusters(self, guest_offset: int, length: int) -> range:
+        cs = self.cluster_size
+        if guest_offset % cs:
+            raise ValueError(f"guest offset {guest_offset} is not cluster aligned")
+        if length <= 0 or guest_offset + length > layout.align_up(self.virtual_size, cs):
+            raise ValueError(f"range [{guest_offset}, +{length}) outside the disk")
+        first = guest_offset // cs
+        return range(first, first + -(-length // cs))
+
+    def _claim(self, index: int) -> None:
+        if index in self._l2:
+            raise ValueError(f"guest cluster {index} written twice")
+
+    def allocate(self, guest_offset: int, length: int) -> int:
+        """Reserve host clusters for ``length`` guest bytes at a cluster-aligned offset;
+        returns the host offset where the caller writes them."""
+        clusters = self._clusters(guest_offset, length)
+        cs = self.cluster_size
+        host = layout.align_up(self._next, cs)
+        for i, index in enumerate(clusters):
+            self._claim(index)
+            self._l2[index] = (host + i * cs) | layout.OFLAG_COPIED
+        self._next = host + len(clusters) * cs
+        self._data_clusters += len(clusters)
+        return host
+
+    def write_zeroes(self, guest_offset: int, length: int) -> None:
+        """Mark whole clusters as reading zero (hiding the backing file)."""
+        for index in self._clusters(guest_offset, length):
+            self._claim(index)
+            self._l2[index] = layout.OFLAG_ZERO
+            self._zero_clusters += 1
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """Raw deflate of one cluster; None when it does not get smaller (thread-safe)."""
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        out = compressor.compress(data) + compressor.flush()
+        return out if len(out) < self.cluster_size - layout.SECTOR else None
+
+    def place_compressed(self, guest_offset: int, compressed: bytes) -> int:
+        """Record a compressed cluster and return where its bytes go."""
+        (index,) = self._clusters(
+            guest_offset, min(self.cluster_size, self.virtual_size - guest_offset)
+        )
+        self._claim(index)
+        host = self._next
+        self._l2[index] = layout.compressed_descriptor(self.cluster_bits, host, len(compressed))
+        start, end = layout.compressed_span(self.cluster_bits, self._l2[index])
+        for cluster in range(start >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1):
+            self._compressed_refs[cluster] = self._compressed_refs.get(cluster, 0) + 1
+        self._next = host + len(compressed)
+        self._compressed += 1
+        return host
+
+    def finish(self) -> Qcow2Stats:
+        """Write the metadata and the header; fsync; close."""
+        cs = self.cluster_size
+        l2_entries = cs // 8
+        start = layout.align_up(self._next, cs)
+        # L2 tables for every L1 slot that maps something
+        l2_tables: dict[int, list[int]] = {}
+        for index in sorted(self._l2):
+            l2_tables.setdefault(index // l2_entries, []).append(index)
+        l1_size = max(1, -(-self.guest_clusters // l2_entries))
+        position = start
+        l1 = [0] * l1_size
+        for slot, indices in l2_tables.items():
+            table = bytearray(cs)
+            for index in indices:
+                struct.pack_into(">Q", table, (index % l2_entries) * 8, self._l2[index])
+            os.pwrite(self.fd, table, position)
+            l1[slot] = position | layout.OFLAG_COPIED
+            position += cs
+        l1_offset = position
+        l1_bytes = struct.pack(f">{l1_size}Q", *l1)
+        os.pwrite(self.fd, l1_bytes, l1_offset)
+        position += layout.align_up(len(l1_bytes), cs)
+        # refcounts for everything, including the refcount structures themselves
+        per_block = cs // 2
+        meta_end = position // cs
+        blocks = table_clusters = 0
+        while True:
+            total = meta_end + blocks + table_clusters
+            need_blocks = -(-total // per_block)
+            need_table = max(1, -(-(need_blocks * 8) // cs))
+            if (need_blocks, need_table) == (blocks, table_clusters):
+                break
+            blocks, table_clusters = need_blocks, need_table
+        blocks_offset = position
+        table_offset = blocks_offset + blocks * cs
+        total = meta_end + blocks + table_clusters
+        refcounts = bytearray(blocks * cs)
+
+        def ref(cluster: int, count: int = 1) -> None:
+            old = struct.unpack_from(">H", refcounts, cluster * 2)[0]
+            struct.pack_into(">H", refcounts, cluster * 2, old + count)
+
+        ref(0)
+        for entry in self._l2.values():
+            if entry & layout.OFLAG_COPIED:
+                ref((entry & ~layout.OFLAG_COPIED) // cs)
+        for cluster, count in self._compressed_refs.items():
+            ref(cluster, count)
+        for cluster in range(start // cs, total):
+            ref(cluster)
+        os.pwrite(self.fd, refcounts, blocks_offset)
+        table = bytearray(table_clusters * cs)
+        for i in range(blocks):
+            struct.pack_into(">Q", table, i * 8, blocks_offset + i * cs)
+        os.pwrite(self.fd, table, table_offset)
+        os.ftruncate(self.fd, total * cs)
+        os.fsync(self.fd)
+        header = layout.encode_header(
+            cluster_bits=self.cluster_bits,
+            size=self.virtual_size,
+            l1_size=l1_size,
+            l1_offset=l1_offset,
+            refcount_table_offset=table_offset,
+            refcount_table_clusters=table_clusters,
+            backing_file=self.backing_file,
+            backing_format=self.backing_format,
+        )
+        os.pwrite(self.fd, header, 0)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.finished = True
+        return Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
+
+    def abort(self) -> None:
+        """Close and remove an unfinished file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.finished:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
