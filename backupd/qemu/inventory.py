@@ -1,0 +1,145 @@
+"""What qemu has: guest disks, their format nodes, sizes and dirty bitmaps.
+
+A disk is named by its guest device id (``vda``); a node with no guest device can be
+named by its node-name.  Bitmap state comes from ``query-named-block-nodes``, which sees
+every node (``query-block`` misses bitmaps behind filters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backupd.errors import ConfigError, QemuTooOldError
+from backupd.qemu.qmp import QemuMonitor
+
+MINIMUM_VERSION = (4, 2, 0)
+BITMAP_PREFIX = "backupd-"
+
+
+@dataclass(frozen=True, slots=True)
+class Bitmap:
+    name: str
+    recording: bool
+    busy: bool
+    persistent: bool
+    inconsistent: bool
+    granularity: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    name: str
+    node: str
+    driver: str
+    filename: str
+    size: int
+    read_only: bool
+    device: str | None
+    bitmaps: tuple[Bitmap, ...] = ()
+
+    def bitmap(self, name: str) -> Bitmap | None:
+        return next((b for b in self.bitmaps if b.name == name), None)
+
+
+def check_version(version: tuple[int, int, int]) -> None:
+    if version < MINIMUM_VERSION:
+        have = ".".join(map(str, version))
+        raise QemuTooOldError(
+            f"qemu {have} is too old: backupd needs qemu >= 4.2 (persistent dirty bitmaps, "
+            "bitmap merge in transactions, NBD dirty-bitmap contexts)"
+        )
+
+
+def _bitmaps(node: dict[str, Any]) -> tuple[Bitmap, ...]:
+    out = []
+    for b in node.get("dirty-bitmaps", []) or []:
+        if "name" not in b:
+            continue  # internal bitmaps of jobs
+        out.append(
+            Bitmap(
+                name=b["name"],
+                recording=bool(b.get("recording", False)),
+                busy=bool(b.get("busy", False)),
+                persistent=bool(b.get("persistent", False)),
+                inconsistent=bool(b.get("inconsistent", False)),
+                granularity=int(b.get("granularity", 0)),
+                count=int(b.get("count", 0)),
+            )
+        )
+    return tuple(out)
+
+
+def _device_id(qdev: str) -> str | None:
+    prefix = "/machine/peripheral/"
+    if qdev.startswith(prefix):
+        return qdev[len(prefix) :].split("/", 1)[0]
+    if qdev and not qdev.startswith("/"):
+        return qdev
+    return None
+
+
+async def named_nodes(monitor: QemuMonitor) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = await monitor.execute("query-named-block-nodes", {"flat": True})
+    return nodes
+
+
+async def query_disks(monitor: QemuMonitor) -> list[Disk]:
+    """Every guest disk (device id, format node, size, bitmaps)."""
+    nodes = {n["node-name"]: n for n in await named_nodes(monitor)}
+    blocks: list[dict[str, Any]] = await monitor.execute("query-block")
+    disks = []
+    for block in blocks:
+        inserted = block.get("inserted")
+        if not inserted:
+            continue
+        name = _device_id(block.get("qdev", "")) or block.get("device") or inserted["node-name"]
+        node_name = inserted["node-name"]
+        node = nodes.get(node_name, inserted)
+        disks.append(
+            Disk(
+                name=name,
+                node=node_name,
+                driver=inserted.get("drv", ""),
+                filename=inserted.get("file", ""),
+                size=int(inserted.get("image", {}).get("virtual-size", 0)),
+                read_only=bool(inserted.get("ro", False)),
+                device=block.get("qdev") or None,
+                bitmaps=_bitmaps(node),
+            )
+        )
+    return disks
+
+
+async def select_disks(monitor: QemuMonitor, wanted: Sequence[str] | None) -> list[Disk]:
+    """The configured disks, or every writable disk with a guest device."""
+    disks = await query_disks(monitor)
+    if wanted is None:
+        chosen = [d for d in disks if not d.read_only and d.device]
+        if not chosen:
+            raise ConfigError("the VM has no writable disk with a guest device to back up")
+        return sorted(chosen, key=lambda d: d.name)
+    by_name = {d.name: d for d in disks}
+    nodes = {n["node-name"]: n for n in await named_nodes(monitor)}
+    chosen = []
+    for name in wanted:
+        disk = by_name.get(name)
+        if disk is None and name in nodes:
+            node = nodes[name]
+            disk = Disk(
+                name=name,
+                node=name,
+                driver=node.get("drv", ""),
+                filename=node.get("file", ""),
+                size=int(node.get("image", {}).get("virtual-size", 0)),
+                read_only=bool(node.get("ro", False)),
+                device=None,
+                bitmaps=_bitmaps(node),
+            )
+        if disk is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise ConfigError(f"the VM has no disk {name!r} (guest disks: {known})")
+        chosen.append(disk)
+    return chosen

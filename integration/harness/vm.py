@@ -1,0 +1,171 @@
+"""A real qemu with no guest OS, for tests: disks on virtio-blk devices, guest writes
+through HMP ``qemu-io`` on the device (so copy-before-write sees them, like real guest
+writes), and a byte model of every disk to compare backups and restores against.
+
+qemu-io prints to qemu's stdout and its QMP reply is empty even when a write fails, so
+every write is checked against that output before the model is updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+MiB = 1 << 20
+
+
+class QemuVM:
+    def __init__(
+        self, workdir: Path, disks: dict[str, int], *, sockdir: Path, agent: bool = False
+    ) -> None:
+        self.workdir = workdir
+        self.disks = dict(disks)
+        self.qmp_path = sockdir / "qmp.sock"
+        self.agent_path = sockdir / "qga.sock" if agent else None
+        self.images = {name: workdir / f"{name}.qcow2" for name in disks}
+        self.model = {name: bytearray(size) for name, size in disks.items()}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMPClient | None = None
+        self._log = workdir / "qemu.out"
+        self._log_pos = 0
+
+    async def start(self) -> QemuVM:
+        args = [
+            "qemu-system-x86_64",
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "64",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        for name, size in self.disks.items():
+            image = self.images[name]
+            if not image.exists():
+                subprocess.run(
+                    ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
+                )
+            args += [
+                "-blockdev",
+                f"driver=qcow2,node-name=drive-{name},discard=unmap,file.driver=file,"
+                f"file.filename={image}",
+                "-device",
+                f"virtio-blk-pci,drive=drive-{name},id={name}",
+            ]
+        out = open(self._log, "ab")  # noqa: SIM115 - handed to the child
+        self._log_pos = self._log.stat().st_size
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        for _ in range(200):
+            if self.qmp_path.exists():
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu exited: {self._log.read_text()[-2000:]}")
+            await asyncio.sleep(0.05)
+        self.qmp = QMPClient("harness")
+        await self.qmp.connect(str(self.qmp_path))
+        return self
+
+    async def hmp(self, command: str) -> str:
+        assert self.qmp is not None
+        result = await asyncio.wait_for(
+            self.qmp.execute("human-monitor-command", {"command-line": command}), 30
+        )
+        return str(result)
+
+    def _new_output(self) -> str:
+        data = self._log.read_bytes()[self._log_pos :]
+        self._log_pos += len(data)
+        return data.decode(errors="replace")
+
+    async def qemu_io(self, disk: str, command: str) -> None:
+        reply = await self.hmp(f'qemu-io -d {disk}/virtio-backend "{command}"')
+        await asyncio.sleep(0)
+        output = ""
+        for _ in range(100):
+            output += self._new_output()
+            if output.strip():
+                break
+            await asyncio.sleep(0.02)
+        if reply.strip() or "failed" in output or "error" in output.lower():
+            raise RuntimeError(f"qemu-io {command!r} on {disk} failed: {reply} {output}")
+
+    async def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        await self.qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
+        self.model[disk][offset : offset + length] = bytes([pattern]) * length
+
+    async def write_zeroes(self, disk: str, offset: int, length: int) -> None:
+        await self.qemu_io(disk, f"write -z {offset} {length}")
+        self.model[disk][offset : offset + length] = bytes(length)
+
+    async def discard(self, disk: str, offset: int, length: int) -> None:
+        """Discard whole clusters (they then read as zeros: the images have no backing)."""
+        await self.qemu_io(disk, f"discard {offset} {length}")
+        self.model[disk][offset : offset + length] = bytes(length)
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {name: bytes(data) for name, data in self.model.items()}
+
+    async def quit(self) -> None:
+        """Graceful shutdown: persistent bitmaps are stored."""
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 10)
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+
+    async def kill(self) -> None:
+        """SIGKILL: a crash (runtime bitmaps are lost, loaded ones become inconsistent)."""
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+
+    async def bitmaps(self, disk: str) -> list[dict[str, object]]:
+        assert self.qmp is not None
+        nodes = await self.qmp.execute("query-named-block-nodes", {"flat": True})
+        for node in nodes:  # type: ignore[attr-defined]
+            if node["node-name"] == f"drive-{disk}":
+                return [b for b in node.get("dirty-bitmaps", []) if "name" in b]
+        return []
+
+    async def state(self) -> dict[str, object]:
+        """What qemu holds that a backup could leave behind."""
+        assert self.qmp is not None
+        return {
+            "exports": await self.qmp.execute("query-block-exports"),
+            "jobs": await self.qmp.execute("query-block-jobs"),
+            "nodes": sorted(
+                n["node-name"]  # type: ignore[index]
+                for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})  # type: ignore[attr-defined]
+                if not str(n["node-name"]).startswith("#")  # type: ignore[index]
+            ),
+        }
