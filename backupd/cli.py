@@ -99,12 +99,8 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    try:
-        from backupd import logs
-    except ModuleNotFoundError:
-        level = logging.WARNING if args.quiet else getattr(logging, args.log_level.upper())
-        logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-        return
+    from backupd import logs
+
     logs.setup(level=args.log_level, json=args.log_json, quiet=args.quiet)
 
 
@@ -118,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BackupdError as err:
         log.error("%s", err)
-        print(f"backupd: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)

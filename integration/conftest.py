@@ -1,13 +1,19 @@
-"""Shared fixtures: a short private directory for unix sockets (paths must stay < 108 bytes)."""
+"""Fixtures for tests with real qemu: a short private socket folder, a VM with a byte
+model of its disks, a configuration file, and a runner for the ``backupd`` CLI."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+
+from integration.harness.vm import QemuVM
 
 
 @pytest.fixture
@@ -18,3 +24,48 @@ def sockdir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def vm(tmp_path: Path, sockdir: Path) -> AsyncIterator[QemuVM]:
+    machine = QemuVM(tmp_path / "vm", {"vda": 32 * MiB}, sockdir=sockdir)
+    machine.workdir.mkdir()
+    await machine.start()
+    try:
+        yield machine
+    finally:
+        await machine.kill()
+
+
+def write_config(
+    path: Path, repository: Path, vms: dict[str, dict[str, object]], **top: object
+) -> Path:
+    data: dict[str, object] = {"repository": str(repository), **top, "vms": vms}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def config_for(tmp_path: Path) -> Callable[..., Path]:
+    def make(machine: QemuVM, name: str = "guest1", **vm_settings: object) -> Path:
+        return write_config(
+            tmp_path / "backupd.yaml",
+            tmp_path / "repo",
+            {name: {"qmp": str(machine.qmp_path), **vm_settings}},
+            scratch_dir=str(tmp_path / "scratch"),
+            runtime_dir=str(machine.qmp_path.parent),
+        )
+
+    return make
+
+
+def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backupd", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -79,7 +79,8 @@ class QemuMonitor:
         except TimeoutError:
             await self._quiet_disconnect()
             raise QemuConnectError(
-                f"{what} at {self._where()} did not answer within 10 s (is it qemu?)"
+                f"{what} at {self._where()} did not answer within 10 s (is it qemu, and is "
+                "no other client connected to this monitor?)"
             ) from None
         except ConnectError as exc:
             await self._quiet_disconnect()

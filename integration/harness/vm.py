@@ -26,7 +26,8 @@ class QemuVM:
     ) -> None:
         self.workdir = workdir
         self.disks = dict(disks)
-        self.qmp_path = sockdir / "qmp.sock"
+        self.qmp_path = sockdir / "qmp.sock"  # for backupd
+        self.harness_qmp = sockdir / "harness.sock"  # qemu serves one client per monitor
         self.agent_path = sockdir / "qga.sock" if agent else None
         self.images = {name: workdir / f"{name}.qcow2" for name in disks}
         self.model = {name: bytearray(size) for name, size in disks.items()}
@@ -69,13 +70,13 @@ class QemuVM:
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         out.close()
         for _ in range(200):
-            if self.qmp_path.exists():
+            if self.harness_qmp.exists():
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"qemu exited: {self._log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
         self.qmp = QMPClient("harness")
-        await self.qmp.connect(str(self.qmp_path))
+        await self.qmp.connect(str(self.harness_qmp))
         return self
 
     async def hmp(self, command: str) -> str:
@@ -133,8 +134,9 @@ class QemuVM:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()
+        for path in (self.qmp_path, self.harness_qmp):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def kill(self) -> None:
         """SIGKILL: a crash (runtime bitmaps are lost, loaded ones become inconsistent)."""
@@ -146,8 +148,9 @@ class QemuVM:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()
+        for path in (self.qmp_path, self.harness_qmp):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def bitmaps(self, disk: str) -> list[dict[str, object]]:
         assert self.qmp is not None

@@ -1,0 +1,77 @@
+"""Full or incremental, and why.
+
+An incremental is possible when the newest committed backup's bitmap exists on every
+selected disk, is persistent, recording and consistent, the disk set and sizes did not
+change, and the chain is shorter than ``max_chain``.  Otherwise a full, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from backupd.errors import BackupFailed
+from backupd.manifest import Manifest
+from backupd.qemu.fleece import bitmap_name
+from backupd.qemu.inventory import Disk
+
+MODES = ("auto", "full", "incremental")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    kind: str
+    reason: str
+    parent: Manifest | None
+
+
+def _full_reason(
+    latest: Manifest | None, chain_length: int, disks: Sequence[Disk], max_chain: int
+) -> str | None:
+    if latest is None:
+        return "no committed backup yet"
+    wanted = sorted(d.name for d in disks)
+    had = sorted(latest.disks)
+    if wanted != had:
+        return f"the disk set changed (was {','.join(had)}, now {','.join(wanted)})"
+    if chain_length >= max_chain:
+        return f"the chain reached max_chain ({max_chain} incrementals)"
+    name = bitmap_name(latest.id)
+    for disk in disks:
+        record = latest.disks[disk.name]
+        if record.virtual_size != disk.size:
+            return f"disk {disk.name} was resized ({record.virtual_size} -> {disk.size} bytes)"
+        bitmap = disk.bitmap(name)
+        if bitmap is None:
+            return (
+                f"bitmap {name} is missing on disk {disk.name} "
+                "(qemu was restarted without storing it, e.g. after a crash)"
+            )
+        if bitmap.inconsistent:
+            return f"bitmap {name} on disk {disk.name} is inconsistent (qemu crashed)"
+        if not bitmap.recording:
+            return f"bitmap {name} on disk {disk.name} is not recording"
+        if not bitmap.persistent:
+            return f"bitmap {name} on disk {disk.name} is not persistent"
+    return None
+
+
+def plan_backup(
+    mode: str,
+    latest: Manifest | None,
+    chain_length: int,
+    disks: Sequence[Disk],
+    max_chain: int,
+) -> Plan:
+    """Decide the kind of the next backup (``chain_length``: incrementals since the full)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    if mode == "full":
+        return Plan("full", "a full backup was requested", None)
+    reason = _full_reason(latest, chain_length, disks, max_chain)
+    if reason is None:
+        assert latest is not None
+        return Plan("incremental", f"changes since {latest.id}", latest)
+    if mode == "incremental":
+        raise BackupFailed(f"an incremental backup is not possible: {reason}")
+    return Plan("full", reason, None)

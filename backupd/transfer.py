@@ -1,0 +1,240 @@
+"""Copying one disk: extents -> NBD reads -> the qcow2 writer, with digests.
+
+The export is mapped with ``base:allocation`` (and the dirty-bitmap context for an
+incremental) and turned into cluster runs: *data* runs are read and stored, *zero* runs
+become qcow2 zero clusters (an incremental must hide older data), everything else is
+left out (a full does not store zeros; an incremental falls through to its backing
+file).  ``requests`` reads are in flight, spread over several connections when the
+export allows multi-conn.  Host space is allocated when a read is issued; the bytes are
+written with ``os.pwrite`` and hashed in a worker thread (both release the GIL) while
+the event loop receives the next replies straight into preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbdclient
+from backupd.config import Transfer
+from backupd.manifest import DigestRun, DiskRecord
+from backupd.qcow2 import Qcow2Writer
+from nbdclient.extents import MappedExtent, map_export
+
+CLUSTER = 65536
+Interval = tuple[int, int]  # [start, end) in clusters
+
+
+def cluster_union(
+    extents: Sequence[MappedExtent], keep: Callable[[MappedExtent], bool], cluster: int
+) -> list[Interval]:
+    """Clusters touched by any extent that ``keep`` selects, as merged intervals."""
+    out: list[Interval] = []
+    for e in extents:
+        if not keep(e):
+            continue
+        start, end = e.offset // cluster, -(-e.end // cluster)
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def intersect(a: Sequence[Interval], b: Sequence[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: Sequence[Interval], b: Sequence[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    j = 0
+    for start, end in a:
+        position = start
+        while j < len(b) and b[j][1] <= position:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > position:
+                out.append((position, b[k][0]))
+            position = max(position, b[k][1])
+            k += 1
+        if position < end:
+            out.append((position, end))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    data: list[Interval]
+    zero: list[Interval]
+
+    @property
+    def data_clusters(self) -> int:
+        return sum(e - s for s, e in self.data)
+
+
+def plan_clusters(
+    extents: Sequence[MappedExtent], *, incremental: bool, cluster: int = CLUSTER
+) -> CopyPlan:
+    """Which clusters to read and which to record as zero.
+
+    A cluster is data when any part of it may hold non-zero bytes; it is zero only when
+    all of it reads as zero (a partly zero cluster is read whole).  For an incremental
+    only dirty clusters count; for a full, zero clusters are simply not stored.
+    """
+    nonzero = cluster_union(extents, lambda e: not e.zero, cluster)
+    if not incremental:
+        return CopyPlan(nonzero, [])
+    dirty = cluster_union(extents, lambda e: e.dirty, cluster)
+    return CopyPlan(intersect(dirty, nonzero), subtract(dirty, nonzero))
+
+
+def _chunks(
+    runs: Sequence[Interval], request_size: int, size: int, cluster: int
+) -> Iterator[tuple[int, int]]:
+    step = max(cluster, request_size // cluster * cluster)
+    for start, end in runs:
+        first, last = start * cluster, min(end * cluster, size)
+        for offset in range(first, last, step):
+            yield offset, min(step, last - offset)
+
+
+@dataclass
+class DiskCopy:
+    """Counters of one disk's copy, updated as it runs."""
+
+    total: int = 0
+    copied: int = 0
+
+
+def _store(fd: int, data: memoryview, host: int) -> str:
+    os.pwrite(fd, data, host)
+    return hashlib.sha256(data).hexdigest()
+
+
+async def transfer_disk(
+    *,
+    name: str,
+    node: str,
+    uri: str,
+    dirty_context: str | None,
+    path: Path,
+    backing_file: str | None,
+    settings: Transfer,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    timeout: float = 10.0,
+) -> DiskRecord:
+    """Copy one exported disk into a new qcow2 file at ``path``."""
+    contexts = ["base:allocation"] + ([dirty_context] if dirty_context else [])
+    first = await nbdclient.connect(
+        uri, meta_contexts=contexts, timeout=timeout, request_timeout=300.0
+    )
+    clients = [first]
+    writer: Qcow2Writer | None = None
+    try:
+        size = first.size
+        extents = await map_export(first, dirty_context=dirty_context)
+        plan = plan_clusters(extents, incremental=dirty_context is not None)
+        total = sum(length for _, length in _chunks(plan.data, CLUSTER, size, CLUSTER))
+        if on_total is not None:
+            on_total(total)
+        if settings.connections > 1 and first.can_multi_conn() and total > 64 * CLUSTER:
+            more = await asyncio.gather(
+                *(
+                    nbdclient.connect(uri, timeout=timeout, request_timeout=300.0)
+                    for _ in range(settings.connections - 1)
+                )
+            )
+            clients.extend(more)
+        writer = Qcow2Writer(path, size, cluster_size=CLUSTER, backing_file=backing_file).open()
+        for start, end in plan.zero:
+            writer.write_zeroes(start * CLUSTER, min(end * CLUSTER, size) - start * CLUSTER)
+        request_size = min(settings.request_size, *(c.max_request for c in clients))
+        request_size = max(CLUSTER, request_size // CLUSTER * CLUSTER)
+        work = _chunks(plan.data, request_size, size, CLUSTER)
+        digests: list[DigestRun] = []
+        stored = 0
+        active_writer = writer
+
+        async def worker(client: nbdclient.Client) -> None:
+            nonlocal stored
+            buf = memoryview(bytearray(request_size))
+            for offset, length in work:
+                view = buf[:length]
+                if settings.compress:
+                    await client.pread_into(view, offset)
+                    stored += await _store_compressed(active_writer, view, offset, digests)
+                else:
+                    host = active_writer.allocate(offset, length)
+                    await client.pread_into(view, offset)
+                    digest = await asyncio.to_thread(_store, active_writer.fd, view, host)
+                    digests.append(DigestRun(host, length, offset, digest))
+                    stored += length
+                if progress is not None:
+                    progress(length)
+
+        async with asyncio.TaskGroup() as group:
+            for index in range(max(1, settings.requests)):
+                group.create_task(worker(clients[index % len(clients)]))
+        await asyncio.to_thread(writer.finish)
+        digests.sort(key=lambda d: d.guest_offset)
+        return DiskRecord(
+            name=name,
+            file=path.name,
+            node=node,
+            virtual_size=size,
+            cluster_size=CLUSTER,
+            bytes_copied=total,
+            bytes_stored=stored,
+            data_extents=len(plan.data),
+            zero_extents=len(plan.zero),
+            compressed=settings.compress,
+            digests=tuple(digests),
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
+
+
+async def _store_compressed(
+    writer: Qcow2Writer, view: memoryview, offset: int, digests: list[DigestRun]
+) -> int:
+    """Compress cluster by cluster in a thread; incompressible clusters are stored raw."""
+    stored = 0
+    for rel in range(0, len(view), CLUSTER):
+        cluster = view[rel : rel + CLUSTER]
+        guest = offset + rel
+        # qemu inflates a compressed cluster into a whole cluster: pad the disk's tail
+        whole = (
+            cluster if len(cluster) == CLUSTER else bytes(cluster) + bytes(CLUSTER - len(cluster))
+        )
+        packed = await asyncio.to_thread(writer.compress, whole)
+        if packed is None:
+            host = writer.allocate(guest, len(cluster))
+            digest = await asyncio.to_thread(_store, writer.fd, cluster, host)
+            digests.append(DigestRun(host, len(cluster), guest, digest))
+            stored += len(cluster)
+        else:
+            host = writer.place_compressed(guest, packed)
+            digest = await asyncio.to_thread(_store, writer.fd, memoryview(packed), host)
+            digests.append(DigestRun(host, len(packed), guest, digest))
+            stored += len(packed)
+    return stored
