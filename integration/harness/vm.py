@@ -51,6 +51,8 @@ class QemuVM:
             "64",
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.harness_qmp},server=on,wait=off",
         ]
         for name, size in self.disks.items():
             image = self.images[name]
@@ -75,6 +77,8 @@ class QemuVM:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"qemu exited: {self._log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("qemu did not create its QMP socket in 10 s")
         self.qmp = QMPClient("harness")
         await self.qmp.connect(str(self.harness_qmp))
         return self
