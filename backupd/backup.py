@@ -22,6 +22,7 @@ from pathlib import Path
 
 from backupd.config import Config, VMConfig
 from backupd.errors import BackupFailed, QemuError, RepositoryError
+from backupd.faults import checkpoint
 from backupd.logs import human_bytes
 from backupd.manifest import DiskRecord, Manifest
 from backupd.planning import Plan, plan_backup
@@ -120,6 +121,7 @@ async def run_backup(
     repo = Repository(config.repository).vm(vm.name)
     started = time.monotonic()
     with repo.lock(purpose=f"backupd run --vm {vm.name}"):
+        checkpoint("after-lock")
         monitor = QemuMonitor(vm.qmp_address, timeout=vm.timeout)
         await monitor.connect()
         try:
@@ -150,6 +152,7 @@ async def _run_locked(
     owned = {bitmap_name(latest.id)} if latest is not None else set()
     for item in await cleanup_leftovers(monitor, owned, scratch_dir):
         log.warning("%s: removed leftover %s", vm.name, item)
+    checkpoint("after-cleanup")
     disks = await select_disks(monitor, vm.disks)
     result.disks = [d.name for d in disks]
     plan = plan_backup(mode, latest, _chain_length(repo, latest), disks, vm.max_chain)
@@ -163,6 +166,7 @@ async def _run_locked(
         ", ".join(d.name for d in disks),
         plan.reason,
     )
+    checkpoint("after-plan")
     staged = repo.stage(backup)
     socket_dir = _runtime_dir(config)
     state = {"quiesced": False}
@@ -180,9 +184,12 @@ async def _run_locked(
     committed = False
     try:
         async with session as exports:
+            checkpoint("after-export")
             if hooks.after_point_in_time is not None:
                 await hooks.after_point_in_time()
             records = await _copy_all(exports, staged.path, plan, vm, progress_mode)
+            checkpoint("after-copy")
+        checkpoint("after-teardown")
         if hooks.before_commit is not None:
             await hooks.before_commit()
         manifest = Manifest(
@@ -197,8 +204,10 @@ async def _run_locked(
             duration=round(time.monotonic() - started, 3),
             disks={r.name: r for r in records},
         )
+        checkpoint("before-manifest")
         staged.commit(manifest)
         committed = True
+        checkpoint("after-commit")
     finally:
         with contextlib.suppress(OSError):
             socket_dir.rmdir()
@@ -208,6 +217,7 @@ async def _run_locked(
                 await _forget_bitmap(monitor, disks, bitmap_name(backup))
     result.manifest = manifest
     await _rotate(monitor, disks, bitmap_name(backup), vm.name)
+    checkpoint("after-rotate")
     result.duration = time.monotonic() - started
     log.info(
         "%s: backup %s committed: %s copied, %s stored%s",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from backupd.config import check_name
 from backupd.errors import ChainError, NotFoundError, RepositoryError
+from backupd.faults import checkpoint
 from backupd.lock import vm_lock
 from backupd.manifest import Manifest
 
@@ -74,6 +75,7 @@ class StagedBackup:
         fsync_dir(self.path)
         if self.final.exists():
             raise RepositoryError(f"backup {self.id} of vm {self.vm_repo.vm} already exists")
+        checkpoint("before-rename")
         os.rename(self.path, self.final)
         fsync_dir(self.vm_repo.path)
         self.committed = True

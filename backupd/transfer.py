@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nbdclient
 from backupd.config import Transfer
+from backupd.faults import checkpoint
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
 from nbdclient.extents import MappedExtent, map_export
@@ -185,6 +186,7 @@ async def transfer_disk(
                     digest = await asyncio.to_thread(_store, active_writer.fd, view, host)
                     digests.append(DigestRun(host, length, offset, digest))
                     stored += length
+                checkpoint("mid-copy")
                 if progress is not None:
                     progress(length)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backupd.errors import QemuCommandError, QemuError
+from backupd.faults import checkpoint
 from backupd.qemu.inventory import BITMAP_PREFIX, Disk, named_nodes
 from backupd.qemu.qmp import QemuMonitor
 from nbdclient.uri import unix_uri
@@ -128,6 +129,7 @@ class FleeceSession:
                 },
             )
             self._nodes.append(node)
+        checkpoint("after-scratch")
         actions: list[dict[str, object]] = []
         for disk in self.disks:
             node = SCRATCH_PREFIX + disk.name
@@ -184,6 +186,7 @@ class FleeceSession:
             if self.after is not None:
                 await self.after()
         self.transaction_done = True
+        checkpoint("after-transaction")
         self._jobs = [JOB_PREFIX + d.name for d in self.disks]
         log.debug("point in time taken for %s", ", ".join(d.name for d in self.disks))
         await self._start_server()

@@ -120,6 +120,10 @@ class QemuVM:
         await self.qemu_io(disk, f"discard {offset} {length}")
         self.model[disk][offset : offset + length] = bytes(length)
 
+    async def flush(self, disk: str) -> None:
+        """What a guest does before it relies on its writes surviving a crash."""
+        await self.hmp(f'qemu-io -d {disk}/virtio-backend "flush"')
+
     def snapshot(self) -> dict[str, bytes]:
         return {name: bytes(data) for name, data in self.model.items()}
 

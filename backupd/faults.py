@@ -1,0 +1,27 @@
+"""Named fault-injection points for the crash tests.
+
+``BACKUPD_FAULT=<point>`` makes the process SIGKILL itself when it reaches that point
+(``BACKUPD_FAULT=<point>@<n>``: the n-th time).  Unset, a checkpoint costs one dict
+lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch,
+after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
+before-rename, after-commit, mid-rotate, after-rotate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_counts: dict[str, int] = {}
+
+
+def checkpoint(point: str) -> None:
+    wanted = os.environ.get("BACKUPD_FAULT")
+    if not wanted:
+        return
+    name, _, nth = wanted.partition("@")
+    if name != point:
+        return
+    _counts[point] = _counts.get(point, 0) + 1
+    if _counts[point] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
