@@ -107,6 +107,13 @@ class VMRepository:
         with vm_lock(self.lock_path, self.vm, shared=shared, purpose=purpose):
             yield
 
+    @contextlib.contextmanager
+    def readers(self, *, exclusive: bool = False, purpose: str = "") -> Iterator[None]:
+        """Shared by serve/restore/verify while they read backups; exclusive for prune."""
+        self.ensure()
+        with vm_lock(self.path / ".readers", self.vm, shared=not exclusive, purpose=purpose):
+            yield
+
     def ids(self) -> list[str]:
         if not self.path.is_dir():
             return []

@@ -1,0 +1,83 @@
+"""``backupd list``: the backups of one or every VM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from backupd.commands import CommandContext
+from backupd.errors import BackupdError
+from backupd.logs import human_bytes
+from backupd.repository import Repository
+
+NAME = "list"
+HELP = "list backups"
+DESCRIPTION = """\
+List the backups in the repository: id, kind, parent, creation time (UTC), disks,
+bytes stored and status.
+
+examples:
+  backupd list
+  backupd list --vm guest1 --json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vm", help="only this VM")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+
+
+def execute(args: argparse.Namespace, context: CommandContext) -> int:
+    config = context.config()
+    names = [config.vm(args.vm).name] if args.vm else sorted(config.vms)
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        repo = Repository(config.repository).vm(name)
+        for backup in repo.ids():
+            try:
+                m = repo.load(backup)
+                rows.append(
+                    {
+                        "id": m.id,
+                        "vm": name,
+                        "kind": m.kind,
+                        "parent": m.parent,
+                        "created": m.created,
+                        "disks": sorted(m.disks),
+                        "bytes": m.bytes_stored,
+                        "quiesced": m.quiesced,
+                        "status": m.status,
+                    }
+                )
+            except BackupdError as exc:
+                rows.append(
+                    {
+                        "id": backup,
+                        "vm": name,
+                        "kind": None,
+                        "parent": None,
+                        "created": None,
+                        "disks": [],
+                        "bytes": 0,
+                        "quiesced": False,
+                        "status": f"damaged: {exc}",
+                    }
+                )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no backups")
+        return 0
+    print(
+        f"{'VM':<12} {'ID':<17} {'KIND':<12} {'PARENT':<17} {'CREATED':<21} "
+        f"{'STORED':>10}  DISKS  STATUS"
+    )
+    for r in rows:
+        print(
+            f"{r['vm']:<12} {r['id']:<17} {r['kind'] or '-':<12} {r['parent'] or '-':<17} "
+            f"{r['created'] or '-':<21} {human_bytes(int(r['bytes'])):>10}  "
+            f"{','.join(r['disks']) or '-'}  {r['status']}"
+        )
+    return 0

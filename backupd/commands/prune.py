@@ -1,0 +1,60 @@
+"""``backupd prune``: remove backups the retention policy no longer keeps."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+
+from backupd.commands import CommandContext
+from backupd.errors import UsageError
+from backupd.repository import Repository
+from backupd.retention import close_over_chains, select
+
+NAME = "prune"
+HELP = "remove backups the retention policy does not keep"
+DESCRIPTION = """\
+Apply the retention policy (keep_last, keep_daily, keep_weekly, keep_monthly; top-level
+defaults, overridable per VM).  A backup that a kept backup needs through its chain is
+kept.  Nothing is removed while a backup, serve or restore of the VM is running.
+
+examples:
+  backupd prune --vm guest1 --dry-run
+  backupd prune --vm guest1
+"""
+
+log = logging.getLogger("backupd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vm", required=True)
+    parser.add_argument("--dry-run", action="store_true", help="only say what would go")
+
+
+def execute(args: argparse.Namespace, context: CommandContext) -> int:
+    config = context.config()
+    vm = config.vm(args.vm)
+    if not vm.retention.configured:
+        raise UsageError(f"no retention configured for vm {vm.name} (keep_last, keep_daily, ...)")
+    repo = Repository(config.repository).vm(vm.name)
+    with (
+        repo.lock(purpose=f"backupd prune --vm {vm.name}"),
+        repo.readers(exclusive=True, purpose=f"backupd prune --vm {vm.name}"),
+    ):
+        manifests = repo.backups()
+        parents = {m.id: m.parent for m in manifests}
+        keep = close_over_chains(select(list(parents), vm.retention), parents)
+        for backup in sorted(parents):
+            if backup in keep:
+                print(f"keep   {backup}  ({keep[backup]})")
+            else:
+                print(
+                    f"{'would remove' if args.dry_run else 'remove'} {backup}  "
+                    "(not kept by the retention policy)"
+                )
+        if args.dry_run:
+            return 0
+        for backup in sorted(set(parents) - set(keep), reverse=True):
+            shutil.rmtree(repo.path / backup)
+            log.info("%s: removed backup %s", vm.name, backup)
+    return 0

@@ -1,0 +1,81 @@
+"""``backupd serve``: one backup, read-only over NBD, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from backupd.commands import CommandContext
+from backupd.errors import UsageError
+from backupd.repository import Repository
+from backupd.serving import ServedImage
+
+NAME = "serve"
+HELP = "serve a backup read-only over NBD"
+DESCRIPTION = """\
+Serve every disk of one backup (any point of a chain) read-only over NBD, one export
+per disk named after it, until interrupted.  Readable by nbdinfo, qemu-img, nbdcopy,
+and qemu itself (-blockdev driver=nbd: boot a VM from its backup).
+
+examples:
+  backupd serve --vm guest1                                  # latest, private unix socket
+  backupd serve --vm guest1 --backup 20261124T030000Z --socket /run/backupd/guest1.sock
+  backupd serve --vm guest1 --listen 192.0.2.10:10809 --tls-dir /etc/pki/backupd
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vm", required=True)
+    parser.add_argument("--backup", default="latest", help="backup id (default: latest)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, help="unix socket to listen on")
+    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address (needs --tls-dir)")
+    parser.add_argument(
+        "--tls-dir", type=Path, help="folder with ca-cert.pem, server-cert.pem, server-key.pem"
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="allow TCP without TLS (trusted networks only)",
+    )
+
+
+def _listen(text: str | None) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
+    config = context.config()
+    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    listen = _listen(args.listen)
+    if listen is not None and args.tls_dir is None and not args.insecure_plaintext:
+        raise UsageError("serving over TCP needs --tls-dir (or --insecure-plaintext)")
+    with repo.readers(purpose=f"backupd serve --vm {args.vm}"):
+        manifest = repo.resolve(args.backup)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with ServedImage(
+            repo, manifest, socket=args.socket, listen=listen, tls_dir=args.tls_dir
+        ) as disks:
+            print(
+                f"serving backup {manifest.id} of vm {repo.vm} ({manifest.kind}); Ctrl-C to stop",
+                file=sys.stderr,
+            )
+            for disk in disks:
+                print(disk.uri, flush=True)
+            await stop.wait()
+    return 0
+
+
+def execute(args: argparse.Namespace, context: CommandContext) -> int:
+    return asyncio.run(_serve(args, context))

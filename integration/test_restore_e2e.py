@@ -1,0 +1,300 @@
+"""Restore through the served backup image, and list / verify / prune, on real qemu."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from integration.conftest import MiB, backupd
+from integration.harness.servers import qemu_nbd
+from integration.harness.vm import QemuVM
+
+
+def backups(repo: Path, vm: str = "guest1") -> list[Path]:
+    return sorted(p for p in (repo / vm).iterdir() if p.name[0].isdigit())
+
+
+async def make_chain(vm: QemuVM, config: Path, rounds: int = 4) -> list[bytes]:
+    """A full and rounds-1 incrementals; returns the model of vda at each point."""
+    points = []
+    await vm.write("vda", MiB, 3 * MiB, 0x51)
+    for r in range(rounds):
+        result = backupd(config, "run", "--vm", "guest1")
+        assert result.returncode == 0, result.stderr
+        points.append(vm.snapshot()["vda"])
+        await vm.write("vda", (8 + r) * MiB, 65536, 0x60 + r)
+        await vm.write("vda", MiB + r * 65536, 4096, 0x70 + r)
+        if r == 1:
+            await vm.write_zeroes("vda", 2 * MiB, 65536)
+    return points
+
+
+def restore(
+    config: Path, out: Path, backup: str, fmt: str = "raw", *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return backupd(
+        config,
+        "restore",
+        "--vm",
+        "guest1",
+        "--backup",
+        backup,
+        "--disk",
+        "vda",
+        "--output",
+        str(out),
+        "--format",
+        fmt,
+        *extra,
+    )
+
+
+async def test_every_point_restores_exactly(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = config_for(vm)
+    points = await make_chain(vm, config)
+    found = backups(tmp_path / "repo")
+    for folder, expected in zip(found, points, strict=True):
+        model = tmp_path / f"model-{folder.name}.raw"
+        model.write_bytes(expected)
+        raw = tmp_path / f"{folder.name}.raw"
+        result = restore(config, raw, folder.name)
+        assert result.returncode == 0, result.stderr
+        assert raw.read_bytes() == expected
+        assert raw.stat().st_blocks * 512 <= 6 * MiB  # thin: about the data, not 32 MiB
+        qcow = tmp_path / f"{folder.name}.qcow2"
+        result = restore(config, qcow, folder.name, "qcow2")
+        assert result.returncode == 0, result.stderr
+        cmp = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(model)],
+            capture_output=True,
+            text=True,
+        )
+        assert cmp.returncode == 0, cmp.stdout
+        assert subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True).returncode == 0
+    again = restore(config, tmp_path / f"{found[0].name}.raw", found[0].name)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (
+        restore(
+            config, tmp_path / f"{found[0].name}.raw", found[0].name, "raw", "--force"
+        ).returncode
+        == 0
+    )
+    listing = json.loads(backupd(config, "list", "--vm", "guest1", "--json").stdout)
+    assert [b["id"] for b in listing] == [f.name for f in found]
+    assert [b["kind"] for b in listing] == ["full"] + ["incremental"] * 3
+    assert listing[1]["parent"] == listing[0]["id"] and listing[0]["disks"] == ["vda"]
+    assert all(b["created"].endswith("Z") for b in listing)
+    bad = backupd(
+        config,
+        "restore",
+        "--vm",
+        "guest1",
+        "--backup",
+        "20200101T000000Z",
+        "--disk",
+        "vda",
+        "--output",
+        str(tmp_path / "x.raw"),
+    )
+    assert bad.returncode == 1 and "has no backup 20200101T000000Z" in bad.stderr
+    bad = backupd(
+        config, "restore", "--vm", "guest1", "--disk", "vdq", "--output", str(tmp_path / "x.raw")
+    )
+    assert bad.returncode == 1 and "no disk 'vdq'" in bad.stderr
+    assert not (tmp_path / "x.raw").exists()
+
+
+async def test_serve_for_nbdinfo_qemu_img_and_qemu(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path
+) -> None:
+    config = config_for(vm)
+    points = await make_chain(vm, config, rounds=2)
+    sock = sockdir / "serve.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backupd",
+            "-c",
+            str(config),
+            "serve",
+            "--vm",
+            "guest1",
+            "--socket",
+            str(sock),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri == f"nbd+unix:///vda?socket={sock}"
+        mapped = json.loads(
+            subprocess.run(
+                ["nbdinfo", "--map", "--json", uri], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        data = [(e["offset"], e["length"]) for e in mapped if not e["type"] & 2]
+        assert data and sum(n for _, n in data) <= 5 * MiB  # zeros stay holes
+        out = tmp_path / "served.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", uri, str(out)], check=True)
+        assert out.read_bytes() == points[-1]
+        # a VM booting from its backup: qemu reads the served image as a block device
+        reader = QemuVM(tmp_path / "reader", {}, sockdir=sockdir / "r")
+        (sockdir / "r").mkdir()
+        reader.workdir.mkdir()
+        await reader.start()
+        try:
+            await reader.hmp(
+                f"drive_add 0 if=none,id=restored,file.driver=nbd,"
+                f"file.server.type=unix,file.server.path={sock},"
+                "file.export=vda,driver=raw,read-only=on"
+            )
+            await reader.hmp('qemu-io restored "read -P 0x51 3M 64k"')
+            await reader.hmp('qemu-io restored "read -P 0x60 8M 64k"')
+            output = (reader.workdir / "qemu.out").read_text()
+            assert output.count("read 65536/65536 bytes") == 2, output
+            assert "failed" not in output
+        finally:
+            await reader.kill()
+    finally:
+        proc.terminate()
+        code = proc.wait(10)
+        assert proc.stderr is not None
+        assert code == 0, proc.stderr.read()
+    assert not sock.exists()
+
+
+async def test_restore_into_nbd_target(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path
+) -> None:
+    config = config_for(vm)
+    points = await make_chain(vm, config, rounds=2)
+    target = tmp_path / "new.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "32M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 0 32M", str(target)],
+        check=True,
+        capture_output=True,
+    )  # stale data must vanish
+    with qemu_nbd(target, sockdir / "t.sock", read_only=False, export="vda") as uri:
+        result = backupd(config, "restore", "--vm", "guest1", "--disk", "vda", "--to", uri)
+        assert result.returncode == 0, result.stderr
+    model = tmp_path / "model.raw"
+    model.write_bytes(points[-1])
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(target), str(model)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout
+    small = tmp_path / "small.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "16M"], check=True)
+    with qemu_nbd(small, sockdir / "s.sock", read_only=False) as uri:
+        result = backupd(config, "restore", "--vm", "guest1", "--disk", "vda", "--to", uri)
+    assert result.returncode == 1 and "smaller than the disk" in result.stderr
+
+
+async def test_verify_finds_damage(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = config_for(vm)
+    await make_chain(vm, config, rounds=3)
+    assert backupd(config, "verify", "--vm", "guest1", "--all").returncode == 0
+    found = backups(tmp_path / "repo")
+    victim = found[1]
+    manifest = json.loads((victim / "manifest.json").read_text())
+    host, length, guest, _ = manifest["disks"]["vda"]["digests"][0]
+    path = victim / "vda.qcow2"
+    with open(path, "r+b") as f:
+        f.seek(host + length // 2)
+        byte = f.read(1)
+        f.seek(host + length // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    result = backupd(config, "verify", "--vm", "guest1", "--all")
+    assert result.returncode == 4
+    assert f"backup {victim.name} disk vda: stored data at guest offset {guest}" in result.stderr
+    assert "1 of 3 backups damaged" in result.stderr
+    with open(found[2] / "vda.qcow2", "r+b") as f:
+        f.truncate(65536 * 2)
+    result = backupd(config, "verify", "--vm", "guest1", "--backup", found[2].name)
+    assert result.returncode == 4 and "DAMAGED" in result.stderr
+    # a crafted backing path is refused, never followed
+    subprocess.run(
+        [
+            "qemu-img",
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            str(victim / "vda.qcow2"),
+        ],
+        check=True,
+    )
+    result = backupd(
+        config,
+        "restore",
+        "--vm",
+        "guest1",
+        "--backup",
+        victim.name,
+        "--disk",
+        "vda",
+        "--output",
+        str(tmp_path / "evil.raw"),
+    )
+    assert result.returncode == 1 and "refusing to follow" in result.stderr
+    assert not (tmp_path / "evil.raw").exists()
+
+
+async def test_prune_across_chains(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = config_for(vm)
+    points = await make_chain(vm, config, rounds=3)
+    assert backupd(config, "run", "--vm", "guest1", "--full").returncode == 0
+    points.append(vm.snapshot()["vda"])
+    await vm.write("vda", 20 * MiB, 65536, 0x7F)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    points.append(vm.snapshot()["vda"])
+    data = yaml.safe_load(config.read_text())
+    data["vms"]["guest1"]["keep_last"] = 1
+    config.write_text(yaml.safe_dump(data))
+    before = backups(tmp_path / "repo")
+    dry = backupd(config, "prune", "--vm", "guest1", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("would remove") == 3
+    assert backups(tmp_path / "repo") == before
+    result = backupd(config, "prune", "--vm", "guest1")
+    assert result.returncode == 0, result.stderr
+    kept = backups(tmp_path / "repo")
+    assert [k.name for k in kept] == [b.name for b in before[3:]]
+    for folder, expected in zip(kept, points[3:], strict=True):
+        out = tmp_path / f"p-{folder.name}.raw"
+        assert restore(config, out, folder.name).returncode == 0
+        assert out.read_bytes() == expected
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0  # the chain goes on
+
+
+@pytest.mark.parametrize("verb", ["list", "status"])
+async def test_list_and_status_without_backups(
+    vm: QemuVM, config_for: Callable[..., Path], verb: str
+) -> None:
+    config = config_for(vm)
+    result = backupd(config, verb, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == [] if verb == "list" else data[0]["last_success"] is None
