@@ -206,6 +206,18 @@ def _settings(data: Mapping[str, Any], where: str, base: dict[str, Any]) -> dict
     return out
 
 
+def _check_settings(s: dict[str, Any], where: str) -> None:
+    _positive(s["max_chain"], f"{where}max_chain", 0)
+    _positive(s["connections"], f"{where}connections")
+    _positive(s["requests"], f"{where}requests")
+    if not 65536 <= s["request_size"] <= 32 << 20:
+        raise ConfigError(f"{where}request_size must be between 64K and 32M")
+    for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+        _positive(s.get(key), f"{where}{key}", 0)
+    if s["timeout"] <= 0:
+        raise ConfigError(f"{where}timeout must be positive")
+
+
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file (ConfigError with one clear line)."""
     try:
@@ -249,6 +261,7 @@ def parse_config(data: Any, path: Path) -> Config:
             "timeout": 30.0,
         },
     )
+    _check_settings(defaults, "")
     vms_data = _get(data, "vms", dict, "", {})
     vms: dict[str, VMConfig] = {}
     for name, vm_data in vms_data.items():
@@ -269,13 +282,7 @@ def parse_config(data: Any, path: Path) -> Config:
             if len(set(disks)) != len(disks):
                 raise ConfigError(f"vms.{name}.disks names a disk twice")
         s = _settings(vm_data, where, defaults)
-        _positive(s["max_chain"], f"{where}max_chain", 0)
-        _positive(s["connections"], f"{where}connections")
-        _positive(s["requests"], f"{where}requests")
-        if not 65536 <= s["request_size"] <= 32 << 20:
-            raise ConfigError(f"{where}request_size must be between 64K and 32M")
-        for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
-            _positive(s.get(key), f"{where}{key}", 0)
+        _check_settings(s, where)
         vms[str(name)] = VMConfig(
             name=str(name),
             qmp=qmp,

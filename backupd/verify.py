@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import aiofiles
+
 from backupd.errors import BackupdError, NotFoundError
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
@@ -54,10 +56,15 @@ async def _qemu_img_check(path: str) -> str | None:
         return "qemu-img check: " + (lines[-1] if lines else f"exit {proc.returncode}")
 
 
-def _check_digests(path: str, manifest: Manifest, disk: str, report: Report) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _check_digests(path: str, manifest: Manifest, disk: str, report: Report) -> None:
+    """Re-hash every stored run (reads through aiofiles, hashing in a thread)."""
     record = manifest.disks[disk]
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    async with aiofiles.open(path, "rb") as f:
         for run in record.digests:
             if run.host_offset + run.length > size:
                 report.problems.append(
@@ -65,15 +72,15 @@ def _check_digests(path: str, manifest: Manifest, disk: str, report: Report) -> 
                     f"is missing (file truncated to {size} bytes)"
                 )
                 return
-            f.seek(run.host_offset)
-            data = f.read(run.length)
+            await f.seek(run.host_offset)
+            data = await f.read(run.length)
             report.digests += 1
             report.bytes += len(data)
-            if hashlib.sha256(data).hexdigest() != run.sha256:
+            digest = await asyncio.to_thread(_sha256, data)
+            if digest != run.sha256:
                 report.problems.append(
                     f"backup {manifest.id} disk {disk}: stored data at guest offset "
-                    f"{run.guest_offset} "
-                    f"(+{run.length} bytes) does not match its digest"
+                    f"{run.guest_offset} (+{run.length} bytes) does not match its digest"
                 )
 
 
@@ -96,5 +103,5 @@ async def verify_backup(repo: VMRepository, backup: str) -> Report:
         problem = await _qemu_img_check(own)
         if problem is not None:
             report.problems.append(f"backup {backup} disk {disk}: {problem}")
-        await asyncio.to_thread(_check_digests, own, manifest, disk, report)
+        await _check_digests(own, manifest, disk, report)
     return report

@@ -1,0 +1,110 @@
+"""Log formats, progress modes, and the shipped systemd units."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backupd import logs
+from backupd.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.getLogger(f"test-{id(stream)}")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, stream
+
+
+def test_summary_line_in_text_json_and_journal() -> None:
+    for formatter, check in (
+        (logs.TextFormatter(), lambda s: "summary: vm=g1 backup=B kind=full" in s),
+        (logs.JournalFormatter(), lambda s: s.startswith("<6>summary: vm=g1")),
+        (logs.JSONFormatter(), lambda s: json.loads(s)["bytes"] == 3 << 20),
+    ):
+        logger, stream = capture(formatter)
+        logs.log_summary(
+            logger,
+            vm="g1",
+            backup="B",
+            kind="full",
+            reason="first",
+            disks=["vda"],
+            copied=3 << 20,
+            duration=1.5,
+            result="ok",
+        )
+        assert check(stream.getvalue()), stream.getvalue()
+    logger, stream = capture(logs.JournalFormatter())
+    logger.error("broken")
+    assert stream.getvalue() == "<3>broken\n"
+
+
+def test_progress_lines_mode(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="backupd.progress")
+    progress = Progress("g1/vda", 100 << 20, mode="lines", interval=0.0)
+    progress.update(50 << 20)
+    progress.close()
+    assert "g1/vda: 50.0 MiB of 100.0 MiB (50%)" in caplog.text
+
+
+def test_cli_help_and_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "backupd", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "exit codes:" in out.stdout and "3  busy" in out.stdout
+    for verb in ("run", "list", "status", "serve", "restore", "verify", "prune"):
+        assert verb in out.stdout
+        sub = subprocess.run(
+            [sys.executable, "-m", "backupd", verb, "--help"], capture_output=True, text=True
+        )
+        assert sub.returncode == 0 and "examples:" in sub.stdout, verb
+    version = subprocess.run(
+        [sys.executable, "-m", "backupd", "--version"], capture_output=True, text=True
+    )
+    assert version.stdout.startswith("backupd ")
+
+
+def test_units_verify(tmp_path: Path) -> None:
+    binary = shutil.which("backupd") or str(Path(sys.executable).parent / "backupd")
+    for name, instance in (
+        ("backupd@.service", "backupd@guest1.service"),
+        ("backupd@.timer", "backupd@guest1.timer"),
+        ("backupd-all.service", "backupd-all.service"),
+        ("backupd-all.timer", "backupd-all.timer"),
+    ):
+        text = (ROOT / "configs" / name).read_text().replace("/opt/backupd/bin/backupd", binary)
+        (tmp_path / instance).write_text(text)
+    units = [
+        str(tmp_path / n)
+        for n in (
+            "backupd@guest1.service",
+            "backupd@guest1.timer",
+            "backupd-all.service",
+            "backupd-all.timer",
+        )
+    ]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True
+    )
+    problems = [line for line in result.stderr.splitlines() if "backupd" in line]
+    assert result.returncode == 0 and not problems, result.stderr
+    calendar = subprocess.run(
+        ["systemd-analyze", "calendar", "*-*-* 01:30:00"], capture_output=True, text=True
+    )
+    assert calendar.returncode == 0 and "Next elapse" in calendar.stdout
+    timer = (ROOT / "configs" / "backupd@.timer").read_text()
+    assert "OnCalendar=*-*-* 01:30:00" in timer and "Persistent=true" in timer
