@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import _handshake as hs
 from .constants import Info, Option, OptionReply
-from .errors import ConnectionLostError, NegotiationError, RemoteProtocolError, UnsupportedError
+from .errors import ConnectionLostError, NegotiationError, RemoteProtocolError
 from .uri import NBDURI
 from .values import ExportListing, TLSOptions
 
@@ -244,11 +244,9 @@ async def negotiate(
             structured=structured_replies or bool(meta_contexts), extended=extended_headers
         )
         contexts: dict[str, int] = {}
-        if meta_contexts:
-            if not (negotiator.structured or negotiator.extended):
-                raise UnsupportedError(
-                    "server does not support structured replies, so no meta contexts"
-                )
+        if meta_contexts and (negotiator.structured or negotiator.extended):
+            # without structured replies there is no block status: callers see an empty
+            # meta_contexts mapping and fall back (e.g. treat everything as data)
             contexts = await negotiator.meta_context_option(
                 Option.SET_META_CONTEXT, export, meta_contexts
             )
