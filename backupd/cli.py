@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackupdError as err:
         log.error("%s", err)
         return err.exit_code
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        log.error("%s%s", err.strerror or err, where)
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)
         return 130

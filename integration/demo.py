@@ -21,8 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def backupd(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     print(f"\n$ backupd -c {config.relative_to(ROOT)} {' '.join(args)}", flush=True)
-    result = subprocess.run([sys.executable, "-m", "backupd", "-c", str(config), *args],
-                            text=True, stdout=subprocess.PIPE)
+    result = subprocess.run(
+        [sys.executable, "-m", "backupd", "-c", str(config), *args],
+        text=True,
+        stdout=subprocess.PIPE,
+    )
     print(result.stdout, end="", flush=True)
     if result.returncode != 0:
         raise SystemExit(f"demo: backupd {args[0]} failed with exit code {result.returncode}")
@@ -37,13 +40,17 @@ async def main() -> None:
     vm = QemuVM(demo / "vm", {"vda": 256 * MiB, "vdb": 64 * MiB}, sockdir=sockets)
     vm.workdir.mkdir()
     config = demo / "backupd.yaml"
-    config.write_text(yaml.safe_dump({
-        "repository": str(demo / "repository"),
-        "scratch_dir": str(demo / "scratch"),
-        "runtime_dir": str(sockets),
-        "keep_last": 7,
-        "vms": {"guest1": {"qmp": str(vm.qmp_path)}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repository": str(demo / "repository"),
+                "scratch_dir": str(demo / "scratch"),
+                "runtime_dir": str(sockets),
+                "keep_last": 7,
+                "vms": {"guest1": {"qmp": str(vm.qmp_path)}},
+            }
+        )
+    )
     print("demo: starting VM guest1 (qemu, no guest OS) with disks vda 256 MiB, vdb 64 MiB")
     await vm.start()
     try:
@@ -60,14 +67,25 @@ async def main() -> None:
         backupd(config, "run", "--vm", "guest1")
         backupd(config, "list", "--vm", "guest1")
         backupd(config, "verify", "--vm", "guest1", "--all")
-        ids = sorted(p.name for p in (demo / "repository" / "guest1").iterdir()
-                     if p.name[0].isdigit())
+        ids = sorted(
+            p.name for p in (demo / "repository" / "guest1").iterdir() if p.name[0].isdigit()
+        )
         for backup, expected in zip(ids, (first, second), strict=True):
             for disk in ("vda", "vdb"):
                 out = demo / "restored" / f"{backup}-{disk}.raw"
                 out.parent.mkdir(exist_ok=True)
-                backupd(config, "restore", "--vm", "guest1", "--backup", backup, "--disk", disk,
-                        "--output", str(out))
+                backupd(
+                    config,
+                    "restore",
+                    "--vm",
+                    "guest1",
+                    "--backup",
+                    backup,
+                    "--disk",
+                    disk,
+                    "--output",
+                    str(out),
+                )
                 if out.read_bytes() != expected[disk]:
                     raise SystemExit(f"demo: restored {backup}/{disk} differs from the guest!")
                 print(f"demo: {backup}/{disk} restored byte-identical to what the guest had")

@@ -14,7 +14,7 @@ import pytest
 import nbdclient
 from nbdclient.extents import map_export
 
-from .harness.servers import make_certificates, nbdkit, qemu_nbd
+from .harness.servers import make_certificates, nbd_server, nbdkit, qemu_nbd
 
 MiB = 1 << 20
 
@@ -204,3 +204,72 @@ def test_cli_copy_into_nbd_target(image: Path, sockdir: Path, tmp_path: Path) ->
         text=True,
     )
     assert cmp.returncode == 0, cmp.stdout
+
+
+async def test_nbd_server_reference(tmp_path: Path) -> None:
+    raw = tmp_path / "ref.raw"
+    data = bytes(range(256)) * (16 * 4096)  # 16 MiB
+    raw.write_bytes(data)
+    with nbd_server(raw, tmp_path) as uri:
+        exports = await nbdclient.list_exports(uri)
+        assert [e.name for e in exports] == ["exp"]
+        async with await nbdclient.connect(uri, meta_contexts=["base:allocation"]) as c:
+            assert c.size == len(data)
+            assert not c.can_block_status()  # no structured replies: reads are simple
+            parts = await asyncio.gather(*(c.pread(MiB, i * MiB) for i in range(16)))
+            assert b"".join(parts) == data
+            await c.pwrite(b"\xee" * 4096, 8192, fua=c.can_fua())
+            if c.can_flush():
+                await c.flush()
+        out = tmp_path / "copy.raw"
+        result = run_cli("copy", uri, str(out))
+        assert result.returncode == 0, result.stderr
+        expected = bytearray(data)
+        expected[8192 : 8192 + 4096] = b"\xee" * 4096
+        assert out.read_bytes() == expected
+        info = json.loads(run_cli("info", "--json", uri).stdout)
+        assert info["size"] == len(data) and info["meta_contexts"] == []
+
+
+async def test_allocation_depth_and_map_text(tmp_path: Path, sockdir: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    qemu_io(base, "write -P 1 0 1M")
+    top = tmp_path / "top.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],
+        check=True,
+    )
+    qemu_io(top, "write -P 2 2M 1M")
+    with qemu_nbd(top, sockdir / "a.sock", extra=["-A"]) as uri:
+        assert "qemu:allocation-depth" in await nbdclient.list_meta_contexts(uri, queries=["qemu:"])
+        depth = json.loads(
+            run_cli("map", "--json", "--context", "qemu:allocation-depth", uri).stdout
+        )
+        assert [(e["offset"], e["length"], e["flags"]) for e in depth] == [
+            (0, MiB, 2),
+            (MiB, MiB, 0),
+            (2 * MiB, MiB, 1),
+            (3 * MiB, MiB, 0),
+        ]
+        ours = run_cli("map", uri).stdout.split("\n")
+        theirs = subprocess.run(
+            ["nbdinfo", "--map", uri], capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+        assert [line.split() for line in ours if line] == [line.split() for line in theirs if line]
+
+
+async def test_nbdkit_delay_filter_pipelines(sockdir: Path) -> None:
+    with nbdkit(sockdir / "d.sock", "memory", "8M", "rdelay=200ms", filters=["delay"]) as uri:
+        async with await nbdclient.connect(uri) as c:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.gather(*(c.pread(65536, i * 65536) for i in range(8)))
+            assert loop.time() - start < 8 * 0.2  # in flight together, not one by one
+        c = await nbdclient.connect(uri, request_timeout=0.05)
+        with pytest.raises(nbdclient.NBDTimeoutError):
+            await c.pread(512, 0)
+        # the timed-out read's late reply is consumed; the connection goes on
+        c.request_timeout = None
+        assert await asyncio.wait_for(c.pread(512, 0), 5) == bytes(512)
+        await c.disconnect()

@@ -415,10 +415,10 @@ class Connection(asyncio.BufferedProtocol):
         self._state = _HEADER
         self._header = None
         self._current = None
-        if header is None or pending is None or header.simple:
+        if header is None or pending is None:
             return
-        if header.flags & ReplyFlag.DONE:
-            self._finish(pending)
+        if header.simple or header.flags & ReplyFlag.DONE:
+            self._finish(pending)  # a simple read reply ends with its data
 
     def _finish(self, pending: Pending) -> None:
         if self.pending.pop(pending.cookie, None) is not None:

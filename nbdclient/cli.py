@@ -17,24 +17,37 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __name__ as _pkg
 from .client import connect, list_exports, list_meta_contexts
 from .constants import BASE_ALLOCATION
 from .copy import copy_to_file, copy_to_nbd
-from .errors import NBDError
+from .errors import NBDError, NegotiationError, UnsupportedError
 from .extents import iter_block_status
 from .uri import parse_uri
 
 
 async def _info(args: argparse.Namespace) -> int:
-    contexts = await list_meta_contexts(args.uri, timeout=args.timeout)
+    try:
+        contexts = await list_meta_contexts(args.uri, timeout=args.timeout)
+    except (NegotiationError, UnsupportedError):
+        contexts = []  # an old server without meta contexts
     async with await connect(args.uri, meta_contexts=contexts, timeout=args.timeout) as client:
         flags = [f.name for f in type(client.flags) if f in client.flags and f.name]
-        data = {
+        data: dict[str, Any] = {
             "export": client.export_name,
             "description": client.description,
             "size": client.size,
+            "read_only": client.is_read_only(),
+            "can_flush": client.can_flush(),
+            "can_fua": client.can_fua(),
+            "can_trim": client.can_trim(),
+            "can_zero": client.can_zero(),
+            "can_fast_zero": client.can_fast_zero(),
+            "can_df": client.can_df(),
+            "can_cache": client.can_cache(),
+            "can_multi_conn": client.can_multi_conn(),
             "flags": flags,
             "block_size": {
                 "minimum": client.block_size.minimum,
@@ -59,9 +72,24 @@ async def _info(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    for export in await list_exports(args.uri, timeout=args.timeout):
+    exports = await list_exports(args.uri, timeout=args.timeout)
+    if args.json:
+        print(json.dumps([{"name": e.name, "description": e.description} for e in exports]))
+        return 0
+    for export in exports:
         print(export.name if not export.description else f"{export.name}\t{export.description}")
     return 0
+
+
+def describe(context: str, flags: int) -> str:
+    """The words nbdinfo --map prints for a state."""
+    if context == BASE_ALLOCATION:
+        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(flags, "unknown")
+    if context.startswith("qemu:dirty-bitmap:"):
+        return "dirty" if flags & 1 else "clean"
+    if context == "qemu:allocation-depth":
+        return "unallocated" if flags == 0 else "local" if flags == 1 else f"backing depth {flags}"
+    return ""
 
 
 async def _contexts(args: argparse.Namespace) -> int:
@@ -73,23 +101,39 @@ async def _contexts(args: argparse.Namespace) -> int:
 async def _map(args: argparse.Namespace) -> int:
     async with await connect(args.uri, meta_contexts=[args.context], timeout=args.timeout) as c:
         rows = [
-            {"offset": e.offset, "length": e.length, "flags": e.flags}
+            {
+                "offset": e.offset,
+                "length": e.length,
+                "flags": e.flags,
+                "description": describe(args.context, e.flags),
+            }
             async for e in iter_block_status(c, args.context)
         ]
     if args.json:
         print(json.dumps(rows))
     else:
         for row in rows:
-            print(f"{row['offset']:>16} {row['length']:>16} {row['flags']:>4}")
+            print(
+                f"{row['offset']:>16} {row['length']:>16} {row['flags']:>4}  {row['description']}"
+            )
     return 0
 
 
 async def _copy(args: argparse.Namespace) -> int:
     start = time.monotonic()
     request_size = args.request_size << 20
+    bar: Any = None
+    if sys.stderr.isatty() and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
     if args.destination.startswith(("nbd:", "nbds:", "nbd+", "nbds+")):
         stats = await copy_to_nbd(
-            args.source, args.destination, requests=args.requests, request_size=request_size
+            args.source,
+            args.destination,
+            requests=args.requests,
+            request_size=request_size,
+            progress=bar.update if bar is not None else None,
         )
     else:
         stats = await copy_to_file(
@@ -98,7 +142,10 @@ async def _copy(args: argparse.Namespace) -> int:
             requests=args.requests,
             connections=args.connections,
             request_size=request_size,
+            progress=bar.update if bar is not None else None,
         )
+    if bar is not None:
+        bar.close()
     if not args.quiet:
         took = time.monotonic() - start
         rate = stats.bytes_read / took / (1 << 20) if took else 0.0
@@ -134,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_info)
     p = sub.add_parser("list", help="list the server's exports")
     p.add_argument("uri", type=_uri)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(run=_list)
     p = sub.add_parser("contexts", help="list meta contexts (queries like qemu: )")
     p.add_argument("uri", type=_uri)

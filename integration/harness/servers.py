@@ -139,3 +139,52 @@ def make_certificates(directory: Path) -> Path:
     for key in directory.glob("*-key.pem"):
         os.chmod(key, 0o600)
     return directory
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def nbd_server(image: Path, workdir: Path, *, export: str = "exp") -> Iterator[str]:
+    """The reference ``nbd-server`` on a loopback TCP port; yields the NBD URI.  It
+    daemonizes, so it is stopped by the pid in the pid file it writes."""
+    port = free_port()
+    config = workdir / "nbd-server.conf"
+    config.write_text(
+        f"[generic]\n    listenaddr = 127.0.0.1\n    port = {port}\n    allowlist = true\n"
+        f"[{export}]\n    exportname = {image}\n"
+    )
+    pidfile = workdir / "nbd-server.pid"
+    subprocess.run(
+        ["nbd-server", "-C", str(config), "-p", str(pidfile)], check=True, capture_output=True
+    )
+    try:
+        import socket
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nbd-server did not start") from None
+                time.sleep(0.05)
+        yield f"nbd://127.0.0.1:{port}/{export}"
+    finally:
+        for _ in range(100):
+            if pidfile.exists():
+                break
+            time.sleep(0.02)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, 15)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)

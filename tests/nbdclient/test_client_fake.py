@@ -365,3 +365,14 @@ async def test_read_only_and_flags(sockdir: Path) -> None:
                 await c.pwrite(b"x", 0)
             with pytest.raises(nbdclient.UnsupportedError):
                 await c.block_status(512, 0)
+
+
+async def test_simple_replies_without_structured(sockdir: Path) -> None:
+    async with server(sockdir, ServerConfig(support_structured=False)) as srv:
+        srv.data[:] = bytes(range(256)) * 4096
+        async with await nbdclient.connect(srv.uri, meta_contexts=["base:allocation"]) as c:
+            assert not c.structured_replies and dict(c.meta_contexts) == {}
+            reads = await asyncio.gather(*(c.pread(65536, i * 65536) for i in range(16)))
+            assert b"".join(reads) == bytes(srv.data)
+            with pytest.raises(nbdclient.UnsupportedError):
+                await c.block_status(512, 0)
