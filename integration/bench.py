@@ -1,0 +1,417 @@
+"""Speed benchmark: backupd and nbdclient beside the C reference tools, on real qemu.
+
+    .venv/bin/python -m integration.bench [--rounds 3] [--size-gib 4]
+
+Each pair is measured side by side, alternating, several rounds; the table shows
+medians and ratios (the machines are shared and noisy: only ratios from one run mean
+something).  Cases:
+
+1. full backup of a 4 GiB qcow2 disk, 50% random data in 1 MiB runs:
+   ``backupd run --full`` vs ``nbdcopy`` of the same fleecing export (to a raw file,
+   flushed) vs ``qemu-img convert -O qcow2`` of it
+2. the same with 64 KiB runs scattered over the disk (25% allocated)
+3. incremental after 1% of the disk was rewritten in scattered 64 KiB writes, and an
+   incremental with nothing dirty (the fixed cost of a run)
+4. 16 GiB virtual disk holding 1% data vs a 1 GiB disk holding the same data
+5. four 1 GiB disks in one VM: one run vs the four disks one after another
+6. ``nbdclient copy`` vs ``nbdcopy`` of the same export (to null:)
+7. ``backupd restore`` (raw) vs ``qemu-img convert`` of the same served chain
+8. peak RSS of backupd in cases 1 and 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from backupd.config import load_config
+from backupd.qemu.fleece import FleeceSession
+from backupd.qemu.inventory import select_disks
+from backupd.qemu.qmp import QemuMonitor
+from integration.harness.servers import qemu_nbd
+from integration.harness.vm import QemuVM
+
+MiB = 1 << 20
+GiB = 1 << 30
+ROWS: list[tuple[str, str]] = []
+
+
+def row(name: str, value: str) -> None:
+    ROWS.append((name, value))
+    print(f"  {name:<62} {value}", flush=True)
+
+
+def make_disk(path: Path, size: int, runs: list[tuple[int, int]], seed: int) -> int:
+    """A qcow2 of ``size`` holding random data in ``runs`` (offset, length)."""
+    raw = path.with_suffix(".raw")
+    rng = random.Random(seed)
+    block = rng.randbytes(8 * MiB)
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for offset, length in runs:
+            f.seek(offset)
+            done = 0
+            while done < length:
+                n = min(length - done, len(block))
+                start = rng.randrange(0, len(block) - n + 1)
+                f.write(block[start : start + n])
+                done += n
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True
+    )
+    raw.unlink()
+    return sum(n for _, n in runs)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "RSS=%M", *cmd], capture_output=True, text=True, env=env
+    )
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    match = re.findall(r"RSS=(\d+)", proc.stderr)
+    return took, int(match[-1]) if match else 0
+
+
+def backupd_cmd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "backupd", "-q", "-c", str(config), *args]
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class Bench:
+    def __init__(self, work: Path, rounds: int) -> None:
+        self.work = work
+        self.rounds = rounds
+        self.sockets = Path(tempfile.mkdtemp(prefix="bkd-bench-", dir="/tmp"))
+
+    def config(
+        self, vm: QemuVM, name: str, vms: dict[str, dict[str, object]] | None = None
+    ) -> Path:
+        path = self.work / f"{name}.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "repository": str(self.work / f"repo-{name}"),
+                    "scratch_dir": str(self.work / "scratch"),
+                    "runtime_dir": str(self.sockets),
+                    "vms": vms or {"guest1": {"qmp": str(vm.qmp_path)}},
+                }
+            )
+        )
+        return path
+
+    async def start_vm(self, name: str, disks: dict[str, Path]) -> QemuVM:
+        sock = self.sockets / name
+        sock.mkdir()
+        vm = QemuVM(self.work / name, {d: 0 for d in disks}, sockdir=sock)
+        vm.images = dict(disks)
+        vm.model = {}
+        vm.workdir.mkdir(exist_ok=True)
+        return await vm.start()
+
+    async def fleece_copy(
+        self, vm: QemuVM, config: Path, command: Callable[[str, Path], list[str]]
+    ) -> float:
+        """Time a reference tool on backupd's own fleecing export of vda."""
+        cfg = load_config(config)
+        monitor = QemuMonitor(str(vm.qmp_path))
+        await monitor.connect()
+        try:
+            disks = await select_disks(monitor, None)
+            sockdir = Path(tempfile.mkdtemp(dir=self.sockets))
+            async with FleeceSession(
+                monitor,
+                disks,
+                backup_id="bench",
+                parent_id=None,
+                scratch_dir=cfg.scratch_dir,
+                socket_dir=sockdir,
+            ) as ex:
+                out = self.work / "ref.out"
+                took, _ = await asyncio.to_thread(timed, command(ex[0].uri, out))
+                out.unlink(missing_ok=True)
+            for bitmap in await vm.bitmaps("vda"):
+                if bitmap["name"] == "backupd-bench":
+                    await monitor.execute(
+                        "block-dirty-bitmap-remove", {"node": "drive-vda", "name": "backupd-bench"}
+                    )
+            return took
+        finally:
+            await monitor.close()
+
+    async def full_case(self, label: str, image: Path, data: int) -> tuple[float, int]:
+        vm = await self.start_vm(label, {"vda": image})
+        try:
+            config = self.config(vm, label)
+            ours: list[float] = []
+            nbdcopy: list[float] = []
+            convert: list[float] = []
+            rss = 0
+            for _ in range(self.rounds):
+                took, peak = await asyncio.to_thread(
+                    timed, backupd_cmd(config, "run", "--vm", "guest1", "--full")
+                )
+                ours.append(took)
+                rss = max(rss, peak)
+                nbdcopy.append(
+                    await self.fleece_copy(
+                        vm, config, lambda uri, out: ["nbdcopy", "--flush", uri, str(out)]
+                    )
+                )
+                convert.append(
+                    await self.fleece_copy(
+                        vm,
+                        config,
+                        lambda uri, out: ["qemu-img", "convert", "-O", "qcow2", uri, str(out)],
+                    )
+                )
+                shutil.rmtree(self.work / f"repo-{label}")
+            mib = data / MiB
+            row(
+                f"{label}: backupd run --full (median s, data MiB/s)",
+                f"{med(ours):6.2f} s  {mib / med(ours):7.0f} MiB/s",
+            )
+            row(
+                f"{label}: nbdcopy --flush of the fleecing export",
+                f"{med(nbdcopy):6.2f} s  {mib / med(nbdcopy):7.0f} MiB/s",
+            )
+            row(
+                f"{label}: qemu-img convert -O qcow2 of the fleecing export",
+                f"{med(convert):6.2f} s  {mib / med(convert):7.0f} MiB/s",
+            )
+            row(f"{label}: ratio backupd/nbdcopy throughput", f"{med(nbdcopy) / med(ours):.2f}x")
+            row(f"{label}: ratio backupd/qemu-img throughput", f"{med(convert) / med(ours):.2f}x")
+            return med(ours), rss
+        finally:
+            await vm.kill()
+
+    async def incremental_case(self, image: Path) -> float:
+        vm = await self.start_vm("incr", {"vda": image})
+        try:
+            config = self.config(vm, "incr")
+            timed(backupd_cmd(config, "run", "--vm", "guest1", "--full"))
+            size = 4 * GiB
+            rng = random.Random(7)
+            runs = sorted(rng.sample(range(size // 65536), (size // 100) // 65536))
+            dirty: list[float] = []
+            empty: list[float] = []
+            for r in range(self.rounds):
+                for index in runs:
+                    await vm.hmp(
+                        f'qemu-io -d vda/virtio-backend "write -P {r + 1} {index * 65536} 64k"'
+                    )
+                took, _ = timed(backupd_cmd(config, "run", "--vm", "guest1", "--incremental"))
+                dirty.append(took)
+                took, _ = timed(backupd_cmd(config, "run", "--vm", "guest1", "--incremental"))
+                empty.append(took)
+            mib = len(runs) * 65536 / MiB
+            row(
+                f"incremental, 1% dirty ({mib:.0f} MiB in 64 KiB writes)",
+                f"{med(dirty):6.2f} s  {mib / med(dirty):7.0f} MiB/s",
+            )
+            row("incremental with nothing dirty (fixed cost of a run)", f"{med(empty):6.2f} s")
+            return mib / med(dirty)
+        finally:
+            await vm.kill()
+
+    async def sparse_case(self) -> None:
+        big = self.work / "big16.qcow2"
+        small = self.work / "small1.qcow2"
+        big_runs = [(i * (16 * GiB // 160), MiB) for i in range(160)]
+        small_runs = [(i * (GiB // 160) // MiB * MiB, MiB) for i in range(160)]
+        make_disk(big, 16 * GiB, big_runs, 3)
+        make_disk(small, GiB, small_runs, 3)
+        results = {}
+        rss = 0
+        for label, image in (("16g", big), ("1g", small)):
+            vm = await self.start_vm(f"sparse-{label}", {"vda": image})
+            try:
+                config = self.config(vm, f"sparse-{label}")
+                times = []
+                for _ in range(self.rounds):
+                    took, peak = timed(backupd_cmd(config, "run", "--vm", "guest1", "--full"))
+                    times.append(took)
+                    rss = max(rss, peak) if label == "16g" else rss
+                    shutil.rmtree(self.work / f"repo-sparse-{label}")
+                results[label] = med(times)
+            finally:
+                await vm.kill()
+        row("16 GiB virtual, 160 MiB data: full backup", f"{results['16g']:6.2f} s")
+        row("1 GiB virtual, same 160 MiB data: full backup", f"{results['1g']:6.2f} s")
+        row("ratio 16 GiB / 1 GiB (target <= 1.5)", f"{results['16g'] / results['1g']:.2f}x")
+        row("peak RSS, 16 GiB disk full backup", f"{rss / 1024:.0f} MiB")
+        big.unlink()
+        small.unlink()
+
+    async def parallel_case(self) -> None:
+        images = {}
+        for i, name in enumerate(("vda", "vdb", "vdc", "vdd")):
+            image = self.work / f"par-{name}.qcow2"
+            make_disk(image, GiB, [(o * MiB, MiB) for o in range(0, 1024, 2)], 10 + i)
+            images[name] = image
+        vm = await self.start_vm("par", images)
+        try:
+            together = self.config(vm, "par")
+            apart = self.config(
+                vm,
+                "apart",
+                {f"part-{name}": {"qmp": str(vm.qmp_path), "disks": [name]} for name in images},
+            )
+            one: list[float] = []
+            four: list[float] = []
+            for _ in range(self.rounds):
+                took, _ = timed(backupd_cmd(together, "run", "--vm", "guest1", "--full"))
+                one.append(took)
+                start = time.perf_counter()
+                for name in images:
+                    timed(backupd_cmd(apart, "run", "--vm", f"part-{name}", "--full"))
+                four.append(time.perf_counter() - start)
+                shutil.rmtree(self.work / "repo-par")
+                shutil.rmtree(self.work / "repo-apart")
+            row("four 1 GiB disks (2 GiB data), one run", f"{med(one):6.2f} s")
+            row("the same four disks one after another", f"{med(four):6.2f} s")
+            row("speed-up of parallel disks (target >= 1.5)", f"{med(four) / med(one):.2f}x")
+        finally:
+            await vm.kill()
+            for image in images.values():
+                image.unlink()
+
+    async def copy_case(self, image: Path, data: int) -> None:
+        ours: list[float] = []
+        theirs: list[float] = []
+        with qemu_nbd(image, self.sockets / "copy.sock", shared=8) as uri:
+            for _ in range(self.rounds):
+                ours.append(
+                    timed([sys.executable, "-m", "nbdclient", "copy", "-q", uri, "null:"])[0]
+                )
+                theirs.append(timed(["nbdcopy", uri, "null:"])[0])
+        mib = data / MiB
+        row("nbdclient copy (to null:)", f"{med(ours):6.2f} s  {mib / med(ours):7.0f} MiB/s")
+        row("nbdcopy (to null:)", f"{med(theirs):6.2f} s  {mib / med(theirs):7.0f} MiB/s")
+        row("ratio nbdclient/nbdcopy throughput", f"{med(theirs) / med(ours):.2f}x")
+
+    async def restore_case(self, image: Path, data: int) -> None:
+        vm = await self.start_vm("restore", {"vda": image})
+        try:
+            config = self.config(vm, "restore")
+            timed(backupd_cmd(config, "run", "--vm", "guest1", "--full"))
+            await vm.hmp('qemu-io -d vda/virtio-backend "write -P 9 0 64M"')
+            timed(backupd_cmd(config, "run", "--vm", "guest1"))
+        finally:
+            await vm.kill()
+        ours: list[float] = []
+        theirs: list[float] = []
+        out = self.work / "restored.raw"
+        sock = self.sockets / "serve.sock"
+        serve = subprocess.Popen(
+            backupd_cmd(config, "serve", "--vm", "guest1", "--socket", str(sock)),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert serve.stdout is not None
+            uri = serve.stdout.readline().strip()
+            for _ in range(self.rounds):
+                out.unlink(missing_ok=True)
+                theirs.append(timed(["qemu-img", "convert", "-O", "raw", uri, str(out)])[0])
+                out.unlink()
+                ours.append(
+                    timed(
+                        backupd_cmd(
+                            config,
+                            "restore",
+                            "--vm",
+                            "guest1",
+                            "--disk",
+                            "vda",
+                            "--output",
+                            str(out),
+                        )
+                    )[0]
+                )
+                out.unlink()
+        finally:
+            serve.terminate()
+            serve.wait(10)
+        mib = data / MiB
+        row(
+            "backupd restore (raw) of a full + incremental chain",
+            f"{med(ours):6.2f} s  {mib / med(ours):7.0f} MiB/s",
+        )
+        row(
+            "qemu-img convert -O raw of the same served chain",
+            f"{med(theirs):6.2f} s  {mib / med(theirs):7.0f} MiB/s",
+        )
+        row("ratio backupd restore/qemu-img throughput", f"{med(theirs) / med(ours):.2f}x")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size-gib", type=int, default=4)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where to put the disks (needs ~12 GiB of free space)",
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="backupd-bench-", dir=args.dir))
+    bench = Bench(work, args.rounds)
+    started = time.perf_counter()
+    try:
+        size = args.size_gib * GiB
+        print(f"bench: preparing disks in {work}", flush=True)
+        half = work / "half.qcow2"
+        half_data = make_disk(half, size, [(o, MiB) for o in range(0, size, 2 * MiB)], 1)
+        scattered = work / "scattered.qcow2"
+        rng = random.Random(2)
+        chunks = sorted(rng.sample(range(size // 65536), size // 4 // 65536))
+        scat_data = make_disk(scattered, size, [(c * 65536, 65536) for c in chunks], 2)
+        print("case 1-2: full backups", flush=True)
+        _, rss = await bench.full_case("50% in 1 MiB runs", half, half_data)
+        row("peak RSS, 4 GiB disk full backup", f"{rss / 1024:.0f} MiB")
+        await bench.full_case("25% in 64 KiB runs", scattered, scat_data)
+        print("case 6: nbdclient copy", flush=True)
+        await bench.copy_case(half, half_data)
+        print("case 3: incrementals", flush=True)
+        await bench.incremental_case(half)
+        print("case 7: restore", flush=True)
+        await bench.restore_case(half, half_data)
+        print("case 4: virtual size", flush=True)
+        await bench.sparse_case()
+        print("case 5: parallel disks", flush=True)
+        await bench.parallel_case()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(bench.sockets, ignore_errors=True)
+    print(
+        f"\nbackupd benchmark ({os.cpu_count()} cores, {args.rounds} rounds, medians, "
+        f"{time.perf_counter() - started:.0f} s in all)"
+    )
+    width = max(len(n) for n, _ in ROWS)
+    for name, value in ROWS:
+        print(f"| {name:<{width}} | {value:>24} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
