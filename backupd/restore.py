@@ -70,8 +70,9 @@ async def restore_to_file(
             try:
                 os.ftruncate(fd, size)
 
-                def write_raw(view: memoryview, offset: int) -> None:
-                    os.pwrite(fd, view, offset)
+                async def write_raw(view: memoryview, offset: int) -> None:
+                    # in a thread: the event loop keeps receiving meanwhile
+                    await asyncio.to_thread(os.pwrite, fd, view, offset)
 
                 await copy_extents(
                     clients,
