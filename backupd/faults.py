@@ -1,7 +1,9 @@
 """Named fault-injection points for the crash tests.
 
 ``BACKUPD_FAULT=<point>`` makes the process SIGKILL itself when it reaches that point
-(``BACKUPD_FAULT=<point>@<n>``: the n-th time).  Unset, a checkpoint costs one dict
+(``BACKUPD_FAULT=<point>@<n>``: the n-th time); ``BACKUPD_FAULT=<point>:hang`` makes it
+wait there forever instead (at the points that :func:`hang_point` marks), so that a
+test can send a signal or kill qemu in the middle of a run.  Unset, a checkpoint costs one dict
 lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch,
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
 before-rename, after-commit, mid-rotate, after-rotate.
@@ -9,6 +11,7 @@ before-rename, after-commit, mid-rotate, after-rotate.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -25,3 +28,9 @@ def checkpoint(point: str) -> None:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def hang_point(point: str) -> None:
+    """Wait forever here when ``BACKUPD_FAULT=<point>:hang``."""
+    if os.environ.get("BACKUPD_FAULT") == f"{point}:hang":
+        await asyncio.sleep(3600)

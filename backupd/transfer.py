@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nbdclient
 from backupd.config import Transfer
-from backupd.faults import checkpoint
+from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
 from nbdclient.extents import MappedExtent, map_export
@@ -187,6 +187,7 @@ async def transfer_disk(
                     digests.append(DigestRun(host, length, offset, digest))
                     stored += length
                 checkpoint("mid-copy")
+                await hang_point("mid-copy")
                 if progress is not None:
                     progress(length)
 

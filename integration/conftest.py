@@ -69,3 +69,13 @@ def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from integration.faults_table import table
+
+    lines = table()
+    if lines:
+        terminalreporter.write_sep("=", "fault injection summary")
+        for line in lines:
+            terminalreporter.write_line(line)

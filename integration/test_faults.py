@@ -1,0 +1,487 @@
+"""Fault injection on real qemu: crashes at every phase, signals, qemu dying, a full or
+read-only repository, concurrency, a soak, hostile input.  Every scenario records its
+trials in the summary table printed at the end of the run (changes lost must be 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backupd.backup import RunHooks, run_backup
+from backupd.config import load_config
+from integration.conftest import MiB, backupd
+from integration.faults_table import record
+from integration.harness.chain import first_difference, qemu_img_check, read_image
+from integration.harness.vm import QemuVM
+
+POINTS = [
+    "after-lock",
+    "after-cleanup",
+    "after-plan",
+    "after-scratch",
+    "after-transaction",
+    "after-export",
+    "mid-copy@1",
+    "mid-copy@2",
+    "mid-copy@3",
+    "mid-copy@4",
+    "mid-copy@6",
+    "mid-copy@8",
+    "mid-copy@12",
+    "mid-copy@16",
+    "after-copy",
+    "after-teardown",
+    "before-manifest",
+    "before-rename",
+    "after-commit",
+    "mid-rotate",
+    "after-rotate",
+]
+
+
+def backups(repo: Path) -> list[Path]:
+    folder = repo / "guest1"
+    return sorted(p for p in folder.iterdir() if p.name[0].isdigit()) if folder.is_dir() else []
+
+
+def run_env(config: Path, fault: str | None, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ}
+    if fault:
+        env["BACKUPD_FAULT"] = fault
+    return subprocess.Popen(
+        [sys.executable, "-m", "backupd", "-c", str(config), "run", "--vm", "guest1", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def scatter(vm: QemuVM, rng: random.Random, count: int, size: int) -> None:
+    for _ in range(count):
+        offset = rng.randrange(0, size // 65536) * 65536
+        await vm.write("vda", offset, 65536, rng.randrange(1, 256))
+
+
+async def leftovers(vm: QemuVM, repo: Path, scratch: Path) -> list[str]:
+    found = []
+    state = await vm.state()
+    if state["exports"] or state["jobs"] or state["nodes"] != ["drive-vda"]:
+        found.append(f"qemu: {state}")
+    names = [b["name"] for b in await vm.bitmaps("vda")]
+    latest = backups(repo)[-1].name if backups(repo) else None
+    if names != ([f"backupd-{latest}"] if latest else []):
+        found.append(f"bitmaps {names}")
+    if any(p.name.startswith(".tmp-") for p in (repo / "guest1").iterdir()):
+        found.append("staging folder")
+    if list(scratch.rglob("*.qcow2")):
+        found.append("scratch file")
+    return found
+
+
+def lost_changes(
+    points: dict[str, bytes], repo: Path, tmp: Path, *, latest_only: bool = False
+) -> int:
+    """Committed points whose restore differs from the model (each counts once)."""
+    lost = 0
+    for folder in backups(repo)[-1:] if latest_only else backups(repo):
+        expected = points.get(folder.name)
+        if expected is None:
+            lost += 1
+            continue
+        qemu_img_check(folder / "vda.qcow2")
+        diff = first_difference(read_image(folder / "vda.qcow2", tmp), expected)
+        if diff is not None:
+            print(f"{folder.name}: differs from the model at {diff}")
+            lost += 1
+    return lost
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return tmp_path / "repo"
+
+
+async def test_sigkill_at_every_phase(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, repo: Path
+) -> None:
+    config = config_for(vm, request_size="64K")
+    rng = random.Random(1)
+    size = 32 * MiB
+    points: dict[str, bytes] = {}
+    await scatter(vm, rng, 20, size)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    points[backups(repo)[-1].name] = vm.snapshot()["vda"]
+    for point in POINTS:
+        await scatter(vm, rng, 24, size)
+        before = {p.name for p in backups(repo)}
+        snapshot = vm.snapshot()["vda"]
+        proc = run_env(config, point)
+        proc.communicate(timeout=60)
+        killed = proc.returncode == -signal.SIGKILL
+        for folder in backups(repo):
+            if folder.name not in before:
+                points[folder.name] = snapshot  # committed before it was killed
+        await scatter(vm, rng, 3, size)
+        result = backupd(config, "run", "--vm", "guest1")
+        ok = result.returncode == 0
+        if ok:
+            points[backups(repo)[-1].name] = vm.snapshot()["vda"]
+        left = await leftovers(vm, repo, tmp_path / "scratch")
+        lost = lost_changes(
+            {k: v for k, v in points.items() if k == backups(repo)[-1].name}, repo, tmp_path
+        )
+        record(
+            "SIGKILL of backupd at a phase, then a normal run",
+            failed=not (killed and ok and not left),
+            lost=lost,
+        )
+        assert killed, f"{point}: not killed ({proc.returncode})"
+        assert ok, f"{point}: next run failed: {result.stderr}"
+        assert not left, f"{point}: leftovers {left}"
+        assert lost == 0, point
+    total = lost_changes(points, repo, tmp_path)
+    record("every committed point restored after the kills", failed=total > 0, lost=total)
+    assert total == 0
+    assert len(backups(repo)) >= len(POINTS)
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = json.JSONDecoder()
+        pending = ""
+        while chunk := await reader.read(4096):
+            pending = (pending + chunk.decode()).lstrip()
+            while pending:
+                try:
+                    request, end = decoder.raw_decode(pending)
+                except ValueError:
+                    break
+                pending = pending[end:].lstrip()
+                command = request["execute"]
+                self.calls.append(command)
+                value = {
+                    "guest-sync": request.get("arguments", {}).get("id"),
+                    "guest-fsfreeze-freeze": 1,
+                    "guest-fsfreeze-thaw": 1,
+                }.get(command, {})
+                writer.write(json.dumps({"return": value, "id": request.get("id")}).encode())
+                await writer.drain()
+
+
+async def wait_for_staging(repo: Path, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        folder = repo / "guest1"
+        if folder.is_dir() and any(
+            p.name.startswith(".tmp-") and any(p.iterdir()) for p in folder.iterdir()
+        ):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        await asyncio.sleep(0.05)
+    raise AssertionError("the run never started copying")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_mid_run(
+    vm: QemuVM,
+    config_for: Callable[..., Path],
+    tmp_path: Path,
+    repo: Path,
+    sockdir: Path,
+    sig: signal.Signals,
+) -> None:
+    agent = FakeAgent()
+    server = await asyncio.start_unix_server(agent.serve, str(sockdir / "qga.sock"))
+    try:
+        config = config_for(vm, guest_agent=str(sockdir / "qga.sock"))
+        await vm.write("vda", 0, 8 * MiB, 0x31)
+        proc = run_env(config, "mid-copy:hang")
+        await wait_for_staging(repo, proc)
+        start = time.monotonic()
+        proc.send_signal(sig)
+        while proc.poll() is None and time.monotonic() - start < 10:
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - start
+        _, err = proc.communicate(timeout=10)
+        left = await leftovers(vm, repo, tmp_path / "scratch")
+        thawed = agent.calls.count("guest-fsfreeze-thaw") == agent.calls.count(
+            "guest-fsfreeze-freeze"
+        )
+        record(
+            f"{sig.name} mid-run: exit within 5 s, clean, guest thawed",
+            failed=not (proc.returncode != 0 and took < 5 and not left and thawed),
+        )
+        assert proc.returncode == 1 and took < 5, (proc.returncode, took, err)
+        assert "interrupted" in err and "Traceback" not in err
+        assert not left and not backups(repo) and thawed
+        result = backupd(config, "run", "--vm", "guest1")
+        assert result.returncode == 0
+        assert (
+            first_difference(
+                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
+            )
+            is None
+        )
+    finally:
+        server.close()
+
+
+async def test_qemu_killed_mid_backup(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, repo: Path
+) -> None:
+    config = config_for(vm)
+    await vm.write("vda", 0, 4 * MiB, 0x41)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    await vm.quit()
+    await vm.start()  # the bitmap is loaded from the image from now on
+    await vm.write("vda", 8 * MiB, MiB, 0x42)
+    await vm.flush("vda")
+    proc = run_env(config, "mid-copy:hang")
+    await wait_for_staging(repo, proc)
+    await vm.kill()
+    _, err = proc.communicate(timeout=60)
+    clean_failure = proc.returncode == 1 and "Traceback" not in err and len(backups(repo)) == 1
+    await vm.start()
+    result = backupd(config, "run", "--vm", "guest1")
+    full = "kind=full" in result.stderr and "inconsistent" in result.stderr
+    lost = (
+        0
+        if result.returncode == 0
+        and first_difference(
+            read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
+        )
+        is None
+        else 1
+    )
+    record(
+        "qemu killed mid-backup, restarted: full taken",
+        failed=not (clean_failure and full),
+        lost=lost,
+    )
+    assert clean_failure, err
+    assert full, result.stderr
+    assert lost == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (CI runs as root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_repository_full_and_read_only(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, small_fs: Path
+) -> None:
+    config = config_for(vm)
+    data = yaml.safe_load(config.read_text())
+    data["repository"] = str(small_fs / "repo")
+    config.write_text(yaml.safe_dump(data))
+    repo = small_fs / "repo"
+    await vm.write("vda", 0, 2 * MiB, 0x51)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    first = backups(repo)[0]
+    first_model = vm.snapshot()["vda"]
+    await vm.write("vda", 4 * MiB, 26 * MiB, 0x52)  # more than the filesystem holds
+    result = backupd(config, "run", "--vm", "guest1")
+    full_ok = (
+        result.returncode == 1
+        and "No space left" in result.stderr
+        and "Traceback" not in result.stderr
+        and backups(repo) == [first]
+    )
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    result_ro = backupd(config, "run", "--vm", "guest1")
+    ro_ok = result_ro.returncode in (1, 2) and "Read-only file system" in result_ro.stderr
+    subprocess.run(["mount", "-o", "remount,rw,size=64m", str(small_fs)], check=True)
+    result = backupd(config, "run", "--vm", "guest1")
+    lost = 0
+    if (
+        result.returncode != 0
+        or first_difference(
+            read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
+        )
+        is not None
+    ):
+        lost = 1
+    older = first_difference(read_image(first / "vda.qcow2", tmp_path), first_model) is None
+    record(
+        "repository full, then read-only, then room again",
+        failed=not (full_ok and ro_ok and older),
+        lost=lost,
+    )
+    assert full_ok, result.stderr
+    assert ro_ok, result_ro.stderr
+    assert older and lost == 0
+    assert "incremental" in json.loads((backups(repo)[-1] / "manifest.json").read_text())["kind"]
+
+
+async def test_concurrency(
+    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path], vm: QemuVM
+) -> None:
+    other_dir = sockdir / "b"
+    other_dir.mkdir()
+    other = QemuVM(tmp_path / "other", {"vda": 16 * MiB}, sockdir=other_dir)
+    other.workdir.mkdir()
+    await other.start()
+    try:
+        config = config_for(vm)
+        data = yaml.safe_load(config.read_text())
+        data["vms"]["guest2"] = {"qmp": str(other.qmp_path)}
+        data["keep_last"] = 1
+        config.write_text(yaml.safe_dump(data))
+        await vm.write("vda", 0, 8 * MiB, 0x61)
+        await other.write("vda", 0, 8 * MiB, 0x62)
+        both = [
+            subprocess.Popen(
+                [sys.executable, "-m", "backupd", "-c", str(config), "run", "--vm", name],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in ("guest1", "guest2")
+        ]
+        parallel_ok = all(p.wait(60) == 0 for p in both)
+        record("runs on two VMs in parallel", failed=not parallel_ok)
+        assert parallel_ok
+        for p in both:
+            assert p.stderr is not None
+            p.stderr.close()
+        proc = run_env(config, "mid-copy:hang")
+        await wait_for_staging(tmp_path / "repo", proc)
+        prune = backupd(config, "prune", "--vm", "guest1")
+        second = backupd(config, "run", "--vm", "guest1")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "backupd", "-c", str(config), "serve", "--vm", "guest1"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert serve.stdout is not None
+        uri = serve.stdout.readline().strip()
+        served = subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", uri, str(tmp_path / "s.raw")], capture_output=True
+        )
+        serve.terminate()
+        serve.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        ok = prune.returncode == 3 and second.returncode == 3 and served.returncode == 0
+        record("prune / second run / serve while a backup runs", failed=not ok)
+        assert prune.returncode == 3 and "busy" in prune.stderr
+        assert second.returncode == 3
+        assert served.returncode == 0
+        assert len(backups(tmp_path / "repo")) == 1
+    finally:
+        await other.kill()
+
+
+async def test_soak(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, repo: Path
+) -> None:
+    config = load_config(config_for(vm))
+    guest = config.vm("guest1")
+    rng = random.Random(5)
+    size = 32 * MiB
+    points: dict[str, bytes] = {}
+    failures = 0
+
+    async def during() -> None:  # the guest keeps writing while the copy runs
+        await scatter(vm, rng, 2, size)
+
+    for _ in range(50):
+        await scatter(vm, rng, rng.randrange(1, 8), size)
+        if rng.random() < 0.2:
+            offset = rng.randrange(0, size // 65536) * 65536
+            await vm.write_zeroes("vda", offset, 65536)
+        snapshot = vm.snapshot()["vda"]
+        try:
+            manifest = await run_backup(config, guest, hooks=RunHooks(after_point_in_time=during))
+            points[manifest.id] = snapshot
+        except Exception:
+            failures += 1
+    ids = sorted(points)
+    lost = 0
+    for backup in ids[9::10]:
+        if (
+            first_difference(
+                read_image(repo / "guest1" / backup / "vda.qcow2", tmp_path), points[backup]
+            )
+            is not None
+        ):
+            lost += 1
+    record(
+        "soak: 50 incrementals, writes between and during (every 10th restored)",
+        failed=failures > 0,
+        lost=lost,
+    )
+    assert failures == 0 and lost == 0
+    kinds = [json.loads((repo / "guest1" / b / "manifest.json").read_text())["kind"] for b in ids]
+    assert kinds.count("full") == 4  # max_chain 14: a new full every 15 runs
+
+
+async def test_bad_input(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path, repo: Path
+) -> None:
+    async def not_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 smtp.example.com ESMTP\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_unix_server(not_qemu, str(sockdir / "smtp.sock"))
+    cases = 0
+    try:
+        config = config_for(vm)
+        data = yaml.safe_load(config.read_text())
+        data["vms"]["mail"] = {"qmp": str(sockdir / "smtp.sock")}
+        config.write_text(yaml.safe_dump(data))
+        result = await asyncio.to_thread(backupd, config, "run", "--vm", "mail")
+        assert result.returncode == 1 and "QMP" in result.stderr
+        assert "Traceback" not in result.stderr
+        cases += 1
+        await vm.write("vda", 0, MiB, 0x71)
+        assert backupd(config, "run", "--vm", "guest1").returncode == 0
+        manifest = backups(repo)[-1] / "manifest.json"
+        manifest.write_text(manifest.read_text()[:50])
+        listed = backupd(config, "list", "--json")
+        assert "damaged" in listed.stdout
+        restore = backupd(
+            config,
+            "restore",
+            "--vm",
+            "guest1",
+            "--disk",
+            "vda",
+            "--output",
+            str(tmp_path / "x.raw"),
+        )
+        assert restore.returncode == 1 and "corrupt manifest" in restore.stderr
+        cases += 1
+        for bad_vm in ("../etc", "a/b"):
+            result = backupd(config, "list", "--vm", bad_vm)
+            assert result.returncode == 2 and "unknown VM" in result.stderr
+            cases += 1
+    finally:
+        server.close()
+    for _ in range(cases):
+        record("bad input: one clear line, documented exit code")
