@@ -270,19 +270,28 @@ async def _copy_all(
             tasks = [group.create_task(one(e)) for e in exports]
     except BaseExceptionGroup as group_error:
         # one clear error: the first failure that is not a consequence of cancelling
-        for exc in group_error.exceptions:
-            if not isinstance(exc, asyncio.CancelledError):
-                raise _as_backup_error(exc) from exc
-        raise
+        cause = _first_cause(group_error)
+        if isinstance(cause, asyncio.CancelledError):
+            raise cause from None
+        raise _as_backup_error(cause) from cause
     finally:
         for bar in bars:
             bar.close()
     return [t.result() for t in tasks]
 
 
+def _first_cause(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc
+
+
 def _as_backup_error(exc: BaseException) -> BaseException:
     from nbdclient import NBDError
 
+    exc = _first_cause(exc)
     if isinstance(exc, NBDError):
         return BackupFailed(f"reading the disk over NBD failed: {exc}")
     if isinstance(exc, OSError):
@@ -314,6 +323,7 @@ async def _rotate(monitor: QemuMonitor, disks: list[Disk], keep: str, vm: str) -
             if bitmap.name.startswith(BITMAP_PREFIX) and bitmap.name != keep:
                 try:
                     await remove_bitmap(monitor, disk.node, bitmap.name)
+                    checkpoint("mid-rotate")
                 except QemuError as exc:
                     log.warning(
                         "%s: could not remove old bitmap %s on %s (%s); the next run removes it",

@@ -3,7 +3,8 @@
 ``BACKUPD_FAULT=<point>`` makes the process SIGKILL itself when it reaches that point
 (``BACKUPD_FAULT=<point>@<n>``: the n-th time); ``BACKUPD_FAULT=<point>:hang`` makes it
 wait there forever instead (at the points that :func:`hang_point` marks), so that a
-test can send a signal or kill qemu in the middle of a run.  Unset, a checkpoint costs one dict
+test can send a signal or kill qemu in the middle of a run; ``<point>:pause`` stops
+the whole process there for 2 s.  Unset, a checkpoint costs one dict
 lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch,
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
 before-rename, after-commit, mid-rotate, after-rotate.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 _counts: dict[str, int] = {}
 
@@ -21,6 +23,9 @@ _counts: dict[str, int] = {}
 def checkpoint(point: str) -> None:
     wanted = os.environ.get("BACKUPD_FAULT")
     if not wanted:
+        return
+    if wanted == f"{point}:pause":  # freeze the whole process for 2 s (e.g. to kill qemu)
+        time.sleep(2)
         return
     name, _, nth = wanted.partition("@")
     if name != point:

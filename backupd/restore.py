@@ -17,6 +17,7 @@ from pathlib import Path
 import nbdclient
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2 import Qcow2Writer
+from backupd.qcow2.writer import pwrite_all
 from nbdclient.copy import copy_extents, map_source
 from nbdclient.extents import MappedExtent
 
@@ -72,7 +73,7 @@ async def restore_to_file(
 
                 async def write_raw(view: memoryview, offset: int) -> None:
                     # in a thread: the event loop keeps receiving meanwhile
-                    await asyncio.to_thread(os.pwrite, fd, view, offset)
+                    await asyncio.to_thread(pwrite_all, fd, view, offset)
 
                 await copy_extents(
                     clients,
@@ -103,7 +104,7 @@ async def restore_to_file(
 
                 def write_qcow2(view: memoryview, offset: int) -> None:
                     host = writer.allocate(offset, len(view))
-                    os.pwrite(writer.fd, view, host)
+                    pwrite_all(writer.fd, view, host)
 
                 await copy_extents(
                     clients,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
+from backupd.qcow2.writer import pwrite_all
 from nbdclient.extents import MappedExtent, map_export
 
 CLUSTER = 65536
@@ -123,7 +123,7 @@ class DiskCopy:
 
 
 def _store(fd: int, data: memoryview, host: int) -> str:
-    os.pwrite(fd, data, host)
+    pwrite_all(fd, data, host)
     return hashlib.sha256(data).hexdigest()
 
 

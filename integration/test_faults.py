@@ -128,7 +128,7 @@ async def test_sigkill_at_every_phase(
         before = {p.name for p in backups(repo)}
         snapshot = vm.snapshot()["vda"]
         proc = run_env(config, point)
-        proc.communicate(timeout=60)
+        _, killed_err = proc.communicate(timeout=60)
         killed = proc.returncode == -signal.SIGKILL
         for folder in backups(repo):
             if folder.name not in before:
@@ -139,15 +139,13 @@ async def test_sigkill_at_every_phase(
         if ok:
             points[backups(repo)[-1].name] = vm.snapshot()["vda"]
         left = await leftovers(vm, repo, tmp_path / "scratch")
-        lost = lost_changes(
-            {k: v for k, v in points.items() if k == backups(repo)[-1].name}, repo, tmp_path
-        )
+        lost = lost_changes(points, repo, tmp_path, latest_only=True)
         record(
             "SIGKILL of backupd at a phase, then a normal run",
             failed=not (killed and ok and not left),
             lost=lost,
         )
-        assert killed, f"{point}: not killed ({proc.returncode})"
+        assert killed, f"{point}: not killed ({proc.returncode}): {killed_err}"
         assert ok, f"{point}: next run failed: {result.stderr}"
         assert not left, f"{point}: leftovers {left}"
         assert lost == 0, point
@@ -245,14 +243,14 @@ async def test_signal_mid_run(
 async def test_qemu_killed_mid_backup(
     vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, repo: Path
 ) -> None:
-    config = config_for(vm)
+    config = config_for(vm, request_size="64K", requests=1, connections=1)
     await vm.write("vda", 0, 4 * MiB, 0x41)
     assert backupd(config, "run", "--vm", "guest1").returncode == 0
     await vm.quit()
     await vm.start()  # the bitmap is loaded from the image from now on
-    await vm.write("vda", 8 * MiB, MiB, 0x42)
+    await vm.write("vda", 8 * MiB, 8 * MiB, 0x42)
     await vm.flush("vda")
-    proc = run_env(config, "mid-copy:hang")
+    proc = run_env(config, "mid-copy:pause")
     await wait_for_staging(repo, proc)
     await vm.kill()
     _, err = proc.communicate(timeout=60)
@@ -307,6 +305,7 @@ async def test_repository_full_and_read_only(
     first_model = vm.snapshot()["vda"]
     await vm.write("vda", 4 * MiB, 26 * MiB, 0x52)  # more than the filesystem holds
     result = backupd(config, "run", "--vm", "guest1")
+    full_err = result.stderr
     full_ok = (
         result.returncode == 1
         and "No space left" in result.stderr
@@ -333,7 +332,7 @@ async def test_repository_full_and_read_only(
         failed=not (full_ok and ro_ok and older),
         lost=lost,
     )
-    assert full_ok, result.stderr
+    assert full_ok, full_err
     assert ro_ok, result_ro.stderr
     assert older and lost == 0
     assert "incremental" in json.loads((backups(repo)[-1] / "manifest.json").read_text())["kind"]
@@ -369,6 +368,7 @@ async def test_concurrency(
         for p in both:
             assert p.stderr is not None
             p.stderr.close()
+        await vm.write("vda", 0, MiB, 0x63)
         proc = run_env(config, "mid-copy:hang")
         await wait_for_staging(tmp_path / "repo", proc)
         prune = backupd(config, "prune", "--vm", "guest1")

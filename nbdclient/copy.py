@@ -124,8 +124,9 @@ async def copy_to_file(
                 os.ftruncate(fd, size)
 
             def write(data: memoryview, offset: int) -> None:
-                if fd >= 0:
-                    os.pwrite(fd, data, offset)
+                while fd >= 0 and data:
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
 
             if not sparse:
                 extents = [

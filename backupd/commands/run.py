@@ -60,6 +60,14 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
     except asyncio.CancelledError:
         code, error = ExitCode.FAILED, "interrupted"
         log.error("%s: backup interrupted; nothing was committed", vm.name)
+    except OSError as exc:
+        code = ExitCode.FAILED
+        error = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+        log.error("%s: %s", vm.name, error)
+    except Exception as exc:  # a bug: still one line and a summary
+        code, error = ExitCode.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+        log.error("%s: %s", vm.name, error)
+        log.debug("details", exc_info=True)
     duration = time.time() - started
     manifest = result.manifest
     plan = result.plan

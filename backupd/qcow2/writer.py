@@ -23,6 +23,17 @@ from pathlib import Path
 from backupd.qcow2 import layout
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (a short write is not an error by itself)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"short write at offset {offset}")
+        view = view[written:]
+        offset += written
+
+
 @dataclass(frozen=True, slots=True)
 class Qcow2Stats:
     data_clusters: int
@@ -136,12 +147,12 @@ class Qcow2Writer:
             table = bytearray(cs)
             for index in indices:
                 struct.pack_into(">Q", table, (index % l2_entries) * 8, self._l2[index])
-            os.pwrite(self.fd, table, position)
+            pwrite_all(self.fd, table, position)
             l1[slot] = position | layout.OFLAG_COPIED
             position += cs
         l1_offset = position
         l1_bytes = struct.pack(f">{l1_size}Q", *l1)
-        os.pwrite(self.fd, l1_bytes, l1_offset)
+        pwrite_all(self.fd, l1_bytes, l1_offset)
         position += layout.align_up(len(l1_bytes), cs)
         # refcounts for everything, including the refcount structures themselves
         per_block = cs // 2
@@ -171,11 +182,11 @@ class Qcow2Writer:
             ref(cluster, count)
         for cluster in range(start // cs, total):
             ref(cluster)
-        os.pwrite(self.fd, refcounts, blocks_offset)
+        pwrite_all(self.fd, refcounts, blocks_offset)
         table = bytearray(table_clusters * cs)
         for i in range(blocks):
             struct.pack_into(">Q", table, i * 8, blocks_offset + i * cs)
-        os.pwrite(self.fd, table, table_offset)
+        pwrite_all(self.fd, table, table_offset)
         os.ftruncate(self.fd, total * cs)
         os.fsync(self.fd)
         header = layout.encode_header(
@@ -188,7 +199,7 @@ class Qcow2Writer:
             backing_file=self.backing_file,
             backing_format=self.backing_format,
         )
-        os.pwrite(self.fd, header, 0)
+        pwrite_all(self.fd, header, 0)
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
