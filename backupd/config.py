@@ -91,38 +91,21 @@ class Config:
             raise ConfigError(f"unknown VM {name!r} (configured: {known})") from None
 
 
-_TOP_KEYS = {
-    "repository",
-    "scratch_dir",
-    "runtime_dir",
-    "metrics_file",
-    "vms",
+#: Settings a VM inherits from the top level and may override.
+_SETTING_KEYS = {
     "max_chain",
     "compress",
     "connections",
     "requests",
     "request_size",
+    "timeout",
     "keep_last",
     "keep_daily",
     "keep_weekly",
     "keep_monthly",
-    "timeout",
 }
-_VM_KEYS = {
-    "qmp",
-    "guest_agent",
-    "disks",
-    "max_chain",
-    "compress",
-    "connections",
-    "requests",
-    "request_size",
-    "keep_last",
-    "keep_daily",
-    "keep_weekly",
-    "keep_monthly",
-    "timeout",
-}
+_TOP_KEYS = {"repository", "scratch_dir", "runtime_dir", "metrics_file", "vms"} | _SETTING_KEYS
+_VM_KEYS = {"qmp", "guest_agent", "disks"} | _SETTING_KEYS
 
 
 def _unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:

@@ -18,7 +18,7 @@ import nbdclient
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2 import Qcow2Writer
 from backupd.qcow2.writer import pwrite_all
-from nbdclient.copy import copy_extents, map_source
+from nbdclient.copy import copy_extents, map_source, zero_extents
 from nbdclient.extents import MappedExtent
 
 CLUSTER = 65536
@@ -155,16 +155,7 @@ async def restore_to_nbd(
             await dst.pwrite(view, offset)
 
         await copy_extents(clients, extents, write, requests=requests, progress=progress)
-        zero = 0
-        for extent in extents:
-            if extent.zero:
-                zero += extent.length
-                if dst.can_zero():
-                    await dst.zero(extent.length, extent.offset)
-                else:
-                    blank = bytes(min(extent.length, 1 << 20))
-                    for offset in range(extent.offset, extent.end, len(blank)):
-                        await dst.pwrite(blank[: min(len(blank), extent.end - offset)], offset)
+        zero = await zero_extents(dst, extents)
         if dst.can_flush():
             await dst.flush()
         return RestoreStats(size, size - zero, zero)

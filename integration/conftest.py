@@ -3,27 +3,18 @@ model of its disks, a configuration file, and a runner for the ``backupd`` CLI."
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from integration.harness.vm import QemuVM
+from tests.conftest import sockdir
 
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bkd-", dir="/tmp"))
-    path.chmod(0o700)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+__all__ = ["sockdir"]  # the same private socket folder fixture as the unit tests
 
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -81,11 +81,12 @@ async def connect(
     return Client(negotiated, request_timeout=request_timeout)
 
 
-async def list_exports(
-    target: str | NBDURI, *, tls: TLSOptions | None = None, timeout: float = 10.0
-) -> list[ExportListing]:
-    """NBD_OPT_LIST: the server's export names and descriptions."""
-    uri = _resolve(target, None)
+@contextlib.asynccontextmanager
+async def _option_phase(
+    uri: NBDURI, tls: TLSOptions | None, timeout: float, what: str, *, replies: bool
+) -> AsyncIterator[ng.Negotiator]:
+    """A connection kept in the option phase (greeting, STARTTLS, reply haggling) and
+    closed with NBD_OPT_ABORT; for the queries that never start transmission."""
     try:
         async with asyncio.timeout(timeout):
             negotiator = await ng.Negotiator.open(uri)
@@ -94,11 +95,22 @@ async def list_exports(
                 tls_options = _tls_for(uri, tls)
                 if tls_options is not None:
                     await negotiator.starttls(tls_options, uri.host)
-                return await negotiator.list_exports()
+                if replies:
+                    await negotiator.negotiate_replies(structured=True, extended=True)
+                yield negotiator
             finally:
                 await negotiator.abort()
     except TimeoutError as exc:
-        raise NBDTimeoutError(f"listing exports of {uri} took longer than {timeout:g} s") from exc
+        raise NBDTimeoutError(f"{what} on {uri} took longer than {timeout:g} s") from exc
+
+
+async def list_exports(
+    target: str | NBDURI, *, tls: TLSOptions | None = None, timeout: float = 10.0
+) -> list[ExportListing]:
+    """NBD_OPT_LIST: the server's export names and descriptions."""
+    uri = _resolve(target, None)
+    async with _option_phase(uri, tls, timeout, "listing exports", replies=False) as session:
+        return await session.list_exports()
 
 
 async def list_meta_contexts(
@@ -112,23 +124,9 @@ async def list_meta_contexts(
     """NBD_OPT_LIST_META_CONTEXT: the contexts of an export matching ``queries``
     (e.g. ``"qemu:"``, ``"qemu:dirty-bitmap:"``; none = all)."""
     uri = _resolve(target, export)
-    try:
-        async with asyncio.timeout(timeout):
-            negotiator = await ng.Negotiator.open(uri)
-            try:
-                await negotiator.greeting()
-                tls_options = _tls_for(uri, tls)
-                if tls_options is not None:
-                    await negotiator.starttls(tls_options, uri.host)
-                await negotiator.negotiate_replies(structured=True, extended=True)
-                contexts = await negotiator.meta_context_option(
-                    Option.LIST_META_CONTEXT, uri.export, tuple(queries)
-                )
-                return list(contexts)
-            finally:
-                await negotiator.abort()
-    except TimeoutError as exc:
-        raise NBDTimeoutError(f"listing meta contexts of {uri} took too long") from exc
+    async with _option_phase(uri, tls, timeout, "listing meta contexts", replies=True) as s:
+        contexts = await s.meta_context_option(Option.LIST_META_CONTEXT, uri.export, tuple(queries))
+        return list(contexts)
 
 
 async def query_export(
@@ -140,20 +138,11 @@ async def query_export(
 ) -> ExportInfo:
     """NBD_OPT_INFO: size, flags, name, description and block sizes, without connecting."""
     uri = _resolve(target, export)
-    async with asyncio.timeout(timeout):
-        negotiator = await ng.Negotiator.open(uri)
-        try:
-            await negotiator.greeting()
-            tls_options = _tls_for(uri, tls)
-            if tls_options is not None:
-                await negotiator.starttls(tls_options, uri.host)
-            await negotiator.negotiate_replies(structured=True, extended=True)
-            info = await negotiator.info_or_go(Option.INFO, uri.export)
-            if info is None:
-                raise UnsupportedError("server does not support NBD_OPT_INFO")
-            return info
-        finally:
-            await negotiator.abort()
+    async with _option_phase(uri, tls, timeout, "querying the export", replies=True) as s:
+        info = await s.info_or_go(Option.INFO, uri.export)
+        if info is None:
+            raise UnsupportedError("server does not support NBD_OPT_INFO")
+        return info
 
 
 class Client:

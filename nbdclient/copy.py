@@ -151,6 +151,23 @@ async def copy_to_file(
         await asyncio.gather(*(c.disconnect() for c in clients))
 
 
+async def zero_extents(target: Client, extents: list[MappedExtent]) -> int:
+    """Make every zero extent read as zeros on ``target`` (WRITE_ZEROES, else writes of
+    zeros); returns the bytes zeroed."""
+    zero = 0
+    for extent in extents:
+        if not extent.zero:
+            continue
+        zero += extent.length
+        if target.can_zero():
+            await target.zero(extent.length, extent.offset)
+            continue
+        blank = bytes(min(extent.length, 1 << 20))
+        for offset in range(extent.offset, extent.end, len(blank)):
+            await target.pwrite(blank[: min(len(blank), extent.end - offset)], offset)
+    return zero
+
+
 async def copy_to_nbd(
     source: str | NBDURI,
     destination: str | NBDURI,
@@ -189,17 +206,7 @@ async def copy_to_nbd(
             request_size=request_size,
             progress=progress,
         )
-        zero = 0
-        for extent in extents:
-            if extent.zero:
-                zero += extent.length
-                if target.can_zero():
-                    await target.zero(extent.length, extent.offset)
-                else:
-                    blank = bytes(min(extent.length, 1 << 20))
-                    for offset in range(extent.offset, extent.end, len(blank)):
-                        n = min(len(blank), extent.end - offset)
-                        await target.pwrite(blank[:n], offset)
+        zero = await zero_extents(target, extents)
         if target.can_flush():
             await target.flush()
         return CopyStats(size, read, zero)

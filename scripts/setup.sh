@@ -39,7 +39,9 @@ fi
 if ! .venv/bin/python -c 'import backupd, nbdclient, pytest, qemu.qmp' >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
     echo "setup: installing Python packages into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    # (the local package mirrors' "Location ... is ignored" notices are noise)
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
     touch .venv/.installed
 fi
 echo "setup: ready ($(.venv/bin/python --version), $(qemu-system-x86_64 --version | head -1))"
