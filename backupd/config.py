@@ -49,8 +49,8 @@ class Transfer:
     """How disks are read: NBD connections per disk, reads in flight, read size."""
 
     connections: int = 4
-    requests: int = 8
-    request_size: int = 4 << 20
+    requests: int = 16
+    request_size: int = 2 << 20
     compress: bool = False
 
 
@@ -239,8 +239,8 @@ def parse_config(data: Any, path: Path) -> Config:
             "max_chain": 14,
             "compress": False,
             "connections": 4,
-            "requests": 8,
-            "request_size": 4 << 20,
+            "requests": 16,
+            "request_size": 2 << 20,
             "timeout": 30.0,
         },
     )

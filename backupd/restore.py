@@ -55,9 +55,9 @@ async def restore_to_file(
     output: Path,
     *,
     fmt: str = "raw",
-    requests: int = 8,
+    requests: int = 16,
     connections: int = 4,
-    request_size: int = 4 << 20,
+    request_size: int = 2 << 20,
     progress: Callable[[int], None] | None = None,
 ) -> RestoreStats:
     clients = await _connect_all(uri, connections)
@@ -134,7 +134,7 @@ async def restore_to_nbd(
     uri: str,
     target: str,
     *,
-    requests: int = 8,
+    requests: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> RestoreStats:
     clients = await _connect_all(uri, 1)

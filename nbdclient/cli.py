@@ -195,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copy", help="copy an export to a file, null: or an NBD URI")
     p.add_argument("source", type=_uri)
     p.add_argument("destination")
-    p.add_argument("--requests", type=int, default=8, help="reads in flight (default 8)")
+    p.add_argument("--requests", type=int, default=16, help="reads in flight (default 16)")
     p.add_argument("--connections", type=int, default=4, help="with multi-conn (default 4)")
-    p.add_argument("--request-size", type=int, default=4, help="MiB per read (default 4)")
+    p.add_argument("--request-size", type=int, default=2, help="MiB per read (default 2)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_copy)
     return parser

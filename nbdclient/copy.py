@@ -68,8 +68,8 @@ async def copy_extents(
     extents: list[MappedExtent],
     write: Callable[[memoryview, int], Awaitable[None] | None],
     *,
-    requests: int = 8,
-    request_size: int = 4 << 20,
+    requests: int = 16,
+    request_size: int = 2 << 20,
     progress: ProgressCallback | None = None,
 ) -> int:
     """Read every data extent and hand it to ``write(data, offset)``; returns bytes read.
@@ -105,9 +105,9 @@ async def copy_to_file(
     source: str | NBDURI,
     path: str,
     *,
-    requests: int = 8,
+    requests: int = 16,
     connections: int = 4,
-    request_size: int = 4 << 20,
+    request_size: int = 2 << 20,
     sparse: bool = True,
     timeout: float = 10.0,
     progress: ProgressCallback | None = None,
@@ -172,8 +172,8 @@ async def copy_to_nbd(
     source: str | NBDURI,
     destination: str | NBDURI,
     *,
-    requests: int = 8,
-    request_size: int = 4 << 20,
+    requests: int = 16,
+    request_size: int = 2 << 20,
     timeout: float = 10.0,
     progress: ProgressCallback | None = None,
 ) -> CopyStats:
