@@ -261,6 +261,8 @@ async def _copy_all(
             path=folder / f"{export.disk.name}.qcow2",
             backing_file=backing,
             settings=vm.transfer,
+            # a stalled qemu fails the run instead of hanging it
+            request_timeout=max(vm.timeout, 5.0),
             progress=on_progress,
             on_total=on_total,
         )

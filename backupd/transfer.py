@@ -139,11 +139,12 @@ async def transfer_disk(
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     timeout: float = 10.0,
+    request_timeout: float = 300.0,
 ) -> DiskRecord:
     """Copy one exported disk into a new qcow2 file at ``path``."""
     contexts = ["base:allocation"] + ([dirty_context] if dirty_context else [])
     first = await nbdclient.connect(
-        uri, meta_contexts=contexts, timeout=timeout, request_timeout=300.0
+        uri, meta_contexts=contexts, timeout=timeout, request_timeout=request_timeout
     )
     clients = [first]
     writer: Qcow2Writer | None = None
@@ -157,7 +158,7 @@ async def transfer_disk(
         if settings.connections > 1 and first.can_multi_conn() and total > 64 * CLUSTER:
             more = await asyncio.gather(
                 *(
-                    nbdclient.connect(uri, timeout=timeout, request_timeout=300.0)
+                    nbdclient.connect(uri, timeout=timeout, request_timeout=request_timeout)
                     for _ in range(settings.connections - 1)
                 )
             )

@@ -485,3 +485,53 @@ async def test_bad_input(
         server.close()
     for _ in range(cases):
         record("bad input: one clear line, documented exit code")
+
+
+async def test_nbd_connection_cut_and_stalled_qemu(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, repo: Path
+) -> None:
+    config = config_for(vm, request_size="64K", requests=1, connections=1, timeout=3)
+    await vm.write("vda", 0, 8 * MiB, 0x81)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    assert vm.qmp is not None
+    for case in ("cut", "stall"):
+        await vm.write("vda", 0, 8 * MiB, 0x82 if case == "cut" else 0x83)
+        committed = len(backups(repo))
+        proc = run_env(config, "mid-copy:pause")
+        await wait_for_staging(repo, proc)
+        start = time.monotonic()
+        if case == "cut":  # qemu drops the NBD client mid-copy
+            await vm.qmp.execute("nbd-server-stop")
+        else:  # qemu stops answering at all
+            assert vm.proc is not None
+            vm.proc.send_signal(signal.SIGSTOP)
+        try:
+            _, err = await asyncio.to_thread(proc.communicate, timeout=90)
+        finally:
+            if case == "stall":
+                assert vm.proc is not None
+                vm.proc.send_signal(signal.SIGCONT)
+        took = time.monotonic() - start
+        failed_cleanly = (
+            proc.returncode == 1 and "Traceback" not in err and len(backups(repo)) == committed
+        )
+        result = backupd(config, "run", "--vm", "guest1")
+        lost = (
+            0
+            if result.returncode == 0
+            and first_difference(
+                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
+            )
+            is None
+            else 1
+        )
+        record(
+            f"NBD {'connection cut mid-copy' if case == 'cut' else 'server stalled'}: "
+            "bounded failure, next run ok",
+            failed=not (failed_cleanly and took < 60),
+            lost=lost,
+        )
+        assert failed_cleanly, err
+        assert took < 60, took
+        assert lost == 0, result.stderr
+        assert not await leftovers(vm, repo, tmp_path / "scratch")
