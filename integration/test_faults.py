@@ -535,3 +535,81 @@ async def test_nbd_connection_cut_and_stalled_qemu(
         assert took < 60, took
         assert lost == 0, result.stderr
         assert not await leftovers(vm, repo, tmp_path / "scratch")
+
+
+async def test_read_error_in_a_backup(
+    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path], repo: Path
+) -> None:
+    """An I/O error on the disk (qemu's blkdebug, once) under a backup's read: the run
+    fails cleanly, commits nothing, and the next run takes everything.  (qemu 7.2 drops
+    the NBD client when a read fails while it sends a structured reply.)"""
+    image = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x91 0 8M", str(image)],
+        check=True,
+        capture_output=True,
+    )
+    extents = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    host = (
+        next(
+            e["offset"]
+            for e in extents
+            if e["data"] and e["start"] <= 4 * MiB < e["start"] + e["length"]
+        )
+        + 4 * MiB
+        - next(
+            e["start"]
+            for e in extents
+            if e["data"] and e["start"] <= 4 * MiB < e["start"] + e["length"]
+        )
+    )
+    blkdebug = (
+        f"file.driver=blkdebug,file.image.driver=file,file.image.filename={image},"
+        f"file.inject-error.0.event=read_aio,file.inject-error.0.sector={host // 512},"
+        "file.inject-error.0.errno=5,file.inject-error.0.once=on"
+    )
+    machine = QemuVM(
+        tmp_path / "eio", {"vda": 32 * MiB}, sockdir=sockdir, file_options={"vda": blkdebug}
+    )
+    machine.images["vda"] = image
+    machine.model["vda"][: 8 * MiB] = b"\x91" * (8 * MiB)
+    machine.workdir.mkdir()
+    await machine.start()
+    try:
+        config = config_for(machine)
+        failed = backupd(config, "run", "--vm", "guest1")
+        clean = (
+            failed.returncode == 1
+            and "reading the disk over NBD failed" in failed.stderr
+            and not backups(repo)
+            and "Traceback" not in failed.stderr
+        )
+        result = backupd(config, "run", "--vm", "guest1")
+        lost = (
+            0
+            if result.returncode == 0
+            and first_difference(
+                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), machine.snapshot()["vda"]
+            )
+            is None
+            else 1
+        )
+        left = await leftovers(machine, repo, tmp_path / "scratch")
+        record(
+            "disk read error (blkdebug) under a backup: clean failure, next run ok",
+            failed=not clean or bool(left),
+            lost=lost,
+        )
+        assert clean, failed.stderr
+        assert lost == 0, result.stderr
+        assert not left
+    finally:
+        await machine.kill()

@@ -22,7 +22,13 @@ MiB = 1 << 20
 
 class QemuVM:
     def __init__(
-        self, workdir: Path, disks: dict[str, int], *, sockdir: Path, agent: bool = False
+        self,
+        workdir: Path,
+        disks: dict[str, int],
+        *,
+        sockdir: Path,
+        agent: bool = False,
+        file_options: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.disks = dict(disks)
@@ -31,6 +37,8 @@ class QemuVM:
         self.agent_path = sockdir / "qga.sock" if agent else None
         self.images = {name: workdir / f"{name}.qcow2" for name in disks}
         self.model = {name: bytearray(size) for name, size in disks.items()}
+        # per disk: the protocol layer under qcow2, e.g. a blkdebug node injecting errors
+        self.file_options = file_options or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
         self._log = workdir / "qemu.out"
@@ -62,8 +70,8 @@ class QemuVM:
                 )
             args += [
                 "-blockdev",
-                f"driver=qcow2,node-name=drive-{name},discard=unmap,file.driver=file,"
-                f"file.filename={image}",
+                f"driver=qcow2,node-name=drive-{name},discard=unmap,"
+                + self.file_options.get(name, f"file.driver=file,file.filename={image}"),
                 "-device",
                 f"virtio-blk-pci,drive=drive-{name},id={name}",
             ]
