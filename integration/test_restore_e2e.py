@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import nbdclient
 from integration.conftest import MiB, backupd
 from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
@@ -298,3 +299,48 @@ async def test_list_and_status_without_backups(
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data == [] if verb == "list" else data[0]["last_success"] is None
+
+
+async def test_serve_over_tcp_needs_tls(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    from integration.harness.servers import free_port, make_certificates
+
+    config = config_for(vm)
+    points = await make_chain(vm, config, rounds=1)
+    refused = backupd(config, "serve", "--vm", "guest1", "--listen", "127.0.0.1:10809")
+    assert refused.returncode == 2 and "--tls-dir" in refused.stderr
+    certs = make_certificates(tmp_path / "pki")
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backupd",
+            "-c",
+            str(config),
+            "serve",
+            "--vm",
+            "guest1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-dir",
+            str(certs),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serve.stdout is not None
+        uri = serve.stdout.readline().strip()
+        assert uri == f"nbds://127.0.0.1:{port}/vda"
+        with pytest.raises(nbdclient.NegotiationError):  # no plaintext
+            await nbdclient.connect(f"nbd://127.0.0.1:{port}/vda")
+        async with await nbdclient.connect(f"{uri}?tls-certificates={certs}") as client:
+            assert client.tls
+            data = await client.pread(client.size, 0)
+        assert data == points[-1]
+    finally:
+        serve.terminate()
+        assert serve.wait(10) == 0

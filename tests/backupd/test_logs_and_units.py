@@ -108,3 +108,22 @@ def test_units_verify(tmp_path: Path) -> None:
     assert calendar.returncode == 0 and "Next elapse" in calendar.stdout
     timer = (ROOT / "configs" / "backupd@.timer").read_text()
     assert "OnCalendar=*-*-* 01:30:00" in timer and "Persistent=true" in timer
+
+
+def test_progress_bar_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    progress = Progress("g1/vda", 8 << 20, mode="bar")
+    progress.update(4 << 20)
+    progress.update(4 << 20)
+    progress.close()
+    text = stream.getvalue()
+    assert text.startswith("\rg1/vda:") and "/8.00M" in text and "B/s" in text
+
+
+def test_quiet_means_no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backupd.progress import progress_mode
+
+    assert progress_mode(True) == "none"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert progress_mode(False) == "lines"
