@@ -178,6 +178,7 @@ async def _run_locked(
         parent_id=plan.parent.id if plan.parent else None,
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
+        method=vm.fleecing,
         before_transaction=freeze,
         after_transaction=thaw,
     )
@@ -187,7 +188,14 @@ async def _run_locked(
             checkpoint("after-export")
             if hooks.after_point_in_time is not None:
                 await hooks.after_point_in_time()
-            records = await _copy_all(exports, staged.path, plan, vm, progress_mode)
+            try:
+                records = await _copy_all(exports, staged.path, plan, vm, progress_mode)
+            except BackupFailed as exc:
+                # a view that broke because the scratch area filled up: say so
+                why = session.scratch_full()
+                if why is None:
+                    raise
+                raise BackupFailed(f"{exc}; {why}") from exc
             checkpoint("after-copy")
         checkpoint("after-teardown")
         if hooks.before_commit is not None:

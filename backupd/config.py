@@ -16,6 +16,7 @@ import yaml
 
 from backupd.errors import ConfigError
 
+FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -64,6 +65,8 @@ class VMConfig:
     transfer: Transfer = field(default_factory=Transfer)
     retention: Retention = field(default_factory=Retention)
     timeout: float = 30.0
+    #: how qemu keeps the point-in-time view: "auto", "snapshot-access" or "blockdev-backup"
+    fleecing: str = "auto"
 
     @property
     def qmp_address(self) -> str | tuple[str, int]:
@@ -99,6 +102,7 @@ _SETTING_KEYS = {
     "requests",
     "request_size",
     "timeout",
+    "fleecing",
     "keep_last",
     "keep_daily",
     "keep_weekly",
@@ -182,6 +186,8 @@ def _settings(data: Mapping[str, Any], where: str, base: dict[str, Any]) -> dict
             out[key] = _get(data, key, int, where)
     if "compress" in data:
         out["compress"] = _get(data, "compress", bool, where)
+    if "fleecing" in data:
+        out["fleecing"] = _get(data, "fleecing", str, where)
     if "timeout" in data:
         out["timeout"] = float(_get(data, "timeout", (int, float), where))
     if "request_size" in data:
@@ -199,6 +205,10 @@ def _check_settings(s: dict[str, Any], where: str) -> None:
         _positive(s.get(key), f"{where}{key}", 0)
     if s["timeout"] <= 0:
         raise ConfigError(f"{where}timeout must be positive")
+    if s["fleecing"] not in FLEECING_METHODS:
+        raise ConfigError(
+            f"{where}fleecing must be one of {', '.join(FLEECING_METHODS)}, not {s['fleecing']!r}"
+        )
 
 
 def load_config(path: Path) -> Config:
@@ -242,6 +252,7 @@ def parse_config(data: Any, path: Path) -> Config:
             "requests": 16,
             "request_size": 2 << 20,
             "timeout": 30.0,
+            "fleecing": "auto",
         },
     )
     _check_settings(defaults, "")
@@ -277,6 +288,7 @@ def parse_config(data: Any, path: Path) -> Config:
                 s.get("keep_last"), s.get("keep_daily"), s.get("keep_weekly"), s.get("keep_monthly")
             ),
             timeout=s["timeout"],
+            fleecing=s["fleecing"],
         )
     return Config(
         path=path,

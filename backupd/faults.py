@@ -5,7 +5,8 @@
 wait there forever instead (at the points that :func:`hang_point` marks), so that a
 test can send a signal or kill qemu in the middle of a run; ``<point>:pause`` stops
 the whole process there for 2 s.  Unset, a checkpoint costs one dict
-lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch,
+lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch, mid-filters
+(snapshot-access: a filter is in; a running VM with several disks is paused there),
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
 before-rename, after-commit, mid-rotate, after-rotate.
 """

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from integration.conftest import MiB, backupd
 from integration.harness.chain import backing_of, first_difference, qemu_img_check, read_image
 from integration.harness.vm import QemuVM
@@ -17,10 +19,11 @@ def backups(repo: Path, vm: str = "guest1") -> list[Path]:
     return sorted(p for p in (repo / vm).iterdir() if p.name[0].isdigit())
 
 
+@pytest.mark.parametrize("fleecing", ["snapshot-access", "blockdev-backup"])
 async def test_full_then_incrementals(
-    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, fleecing: str
 ) -> None:
-    config = config_for(vm)
+    config = config_for(vm, fleecing=fleecing)
     repo = tmp_path / "repo"
     points: list[dict[str, bytes]] = []
     await vm.write("vda", 0, 3 * MiB, 0x11)

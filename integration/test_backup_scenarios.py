@@ -32,10 +32,14 @@ def assert_point(folder: Path, disk: str, expected: bytes, tmp: Path) -> None:
     assert first_difference(read_image(image, tmp), expected) is None, f"{folder.name}/{disk}"
 
 
+METHODS = pytest.mark.parametrize("fleecing", ["snapshot-access", "blockdev-backup"])
+
+
+@METHODS
 async def test_writes_during_the_copy_go_to_the_next_backup(
-    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, fleecing: str
 ) -> None:
-    config = load_config(config_for(vm))
+    config = load_config(config_for(vm, fleecing=fleecing))
     await vm.write("vda", 0, 2 * MiB, 0xA1)
     before = vm.snapshot()
 
@@ -53,15 +57,32 @@ async def test_writes_during_the_copy_go_to_the_next_backup(
     assert_point(repo / "guest1" / second.id, "vda", vm.snapshot()["vda"], tmp_path)
     assert second.disks["vda"].bytes_copied == 2 * 65536
 
+    # the same during an incremental
+    async def more_writes() -> None:
+        await vm.write("vda", 65536, 65536, 0xB4)
+        await vm.write("vda", 12 * MiB, 4096, 0xB5)
 
+    await vm.write("vda", 20 * MiB, 65536, 0xB6)
+    before = vm.snapshot()
+    third = await run_backup(
+        config, config.vm("guest1"), hooks=RunHooks(after_point_in_time=more_writes)
+    )
+    fourth = await run_backup(config, config.vm("guest1"))
+    assert (third.kind, fourth.kind) == ("incremental", "incremental")
+    assert_point(repo / "guest1" / third.id, "vda", before["vda"], tmp_path)
+    assert_point(repo / "guest1" / fourth.id, "vda", vm.snapshot()["vda"], tmp_path)
+    assert fourth.disks["vda"].bytes_copied == 2 * 65536
+
+
+@METHODS
 async def test_two_disks_one_instant(
-    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path]
+    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path], fleecing: str
 ) -> None:
     machine = QemuVM(tmp_path / "vm2", {"vda": 16 * MiB, "vdb": 8 * MiB}, sockdir=sockdir)
     machine.workdir.mkdir()
     await machine.start()
     try:
-        config = load_config(config_for(machine))
+        config = load_config(config_for(machine, fleecing=fleecing))
         await machine.write("vda", MiB, MiB, 0x01)
         await machine.write("vdb", 0, MiB, 0x02)
         expected = machine.snapshot()

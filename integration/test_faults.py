@@ -30,6 +30,7 @@ POINTS = [
     "after-cleanup",
     "after-plan",
     "after-scratch",
+    "mid-filters",
     "after-transaction",
     "after-export",
     "mid-copy@1",
@@ -85,8 +86,9 @@ async def leftovers(vm: QemuVM, repo: Path, scratch: Path) -> list[str]:
         found.append(f"bitmaps {names}")
     if any(p.name.startswith(".tmp-") for p in (repo / "guest1").iterdir()):
         found.append("staging folder")
-    if list(scratch.rglob("*.qcow2")):
-        found.append("scratch file")
+    files = [p.name for p in scratch.rglob("*") if p.is_file()]
+    if files:
+        found.append(f"scratch files {files}")
     return found
 
 
@@ -611,5 +613,132 @@ async def test_read_error_in_a_backup(
         assert clean, failed.stderr
         assert lost == 0, result.stderr
         assert not left
+    finally:
+        await machine.kill()
+
+
+async def test_scratch_area_full(
+    tmp_path: Path, vm: QemuVM, config_for: Callable[..., Path], repo: Path
+) -> None:
+    """The guest overwrites more during a backup than the scratch area holds: every guest
+    write succeeds (the point-in-time view breaks instead), the run fails with one clear
+    line naming the full scratch area, nothing is committed, and the next run has it all."""
+    small = tmp_path / "small-scratch"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        config = config_for(vm, request_size="64K", requests=1, connections=1)
+        data = yaml.safe_load(config.read_text())
+        data["scratch_dir"] = str(small)
+        config.write_text(yaml.safe_dump(data))
+        await vm.write("vda", 0, 16 * MiB, 0x61)
+        assert backupd(config, "run", "--vm", "guest1").returncode == 0
+        guest_errors: list[str] = []
+
+        async def overwrite() -> None:
+            for i in range(8):  # 8 MiB of first writes: 4x what the scratch area holds
+                try:
+                    await vm.write("vda", i * MiB, MiB, 0x62 + i)
+                except RuntimeError as exc:
+                    guest_errors.append(str(exc))
+
+        parsed = load_config(config)
+        failure = ""
+        try:
+            await run_backup(
+                parsed, parsed.vm("guest1"), hooks=RunHooks(after_point_in_time=overwrite)
+            )
+        except Exception as exc:
+            failure = str(exc)
+        clean = (
+            "scratch area" in failure
+            and "full" in failure
+            and len(backups(repo)) == 1
+            and not await leftovers(vm, repo, small)
+        )
+        status = await vm.qmp.execute("query-status") if vm.qmp else {}
+        result = backupd(config, "run", "--vm", "guest1")
+        lost = (
+            0
+            if result.returncode == 0
+            and first_difference(
+                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
+            )
+            is None
+            else 1
+        )
+        record(
+            "scratch area full: guest writes all succeed, run fails cleanly, next run ok",
+            failed=bool(guest_errors) or not clean or status.get("status") == "io-error",
+            lost=lost,
+        )
+        assert not guest_errors, guest_errors
+        assert clean, failure
+        assert lost == 0, result.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_kill_while_paused_resumes_vm(
+    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path], repo: Path
+) -> None:
+    """Two disks of a running VM are cut at one instant with the vCPUs paused for the
+    moment the filters go in; a backupd killed in that moment leaves the VM paused, and
+    the next run resumes it, cleans up and backs up both disks."""
+    machine = QemuVM(tmp_path / "two", {"vda": 16 * MiB, "vdb": 16 * MiB}, sockdir=sockdir)
+    machine.workdir.mkdir()
+    await machine.start()
+    try:
+        assert machine.qmp is not None
+        await machine.qmp.execute("cont")
+        config = config_for(machine)
+        await machine.write("vda", 0, 2 * MiB, 0x71)
+        await machine.write("vdb", MiB, 2 * MiB, 0x72)
+        normal = backupd(config, "run", "--vm", "guest1")
+        running_after = (await machine.qmp.execute("query-status"))["status"]  # type: ignore[index]
+        await machine.write("vdb", 8 * MiB, MiB, 0x73)
+        proc = run_env(config, "mid-filters")
+        proc.communicate(timeout=60)
+        paused = (await machine.qmp.execute("query-status"))["status"]  # type: ignore[index]
+        result = backupd(config, "run", "--vm", "guest1")
+        resumed = (await machine.qmp.execute("query-status"))["status"]  # type: ignore[index]
+        lost = 0
+        for disk in ("vda", "vdb"):
+            image = backups(repo)[-1] / f"{disk}.qcow2"
+            if result.returncode != 0 or (
+                first_difference(read_image(image, tmp_path), machine.snapshot()[disk]) is not None
+            ):
+                lost += 1
+        state = await machine.state()
+        clean = (
+            not state["exports"]
+            and not state["jobs"]
+            and state["nodes"]
+            == [
+                "drive-vda",
+                "drive-vdb",
+            ]
+        )
+        record(
+            "killed while a running VM was paused for the cut: next run resumes it",
+            failed=not (
+                normal.returncode == 0
+                and running_after == "running"
+                and proc.returncode == -signal.SIGKILL
+                and paused == "paused"
+                and resumed == "running"
+                and clean
+            ),
+            lost=lost,
+        )
+        assert normal.returncode == 0, normal.stderr
+        assert running_after == "running"
+        assert proc.returncode == -signal.SIGKILL
+        assert paused == "paused"
+        assert result.returncode == 0, result.stderr
+        assert "resumed" in result.stderr
+        assert resumed == "running"
+        assert clean, state
+        assert lost == 0
     finally:
         await machine.kill()

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from backupd.config import load_config
-from backupd.errors import ConfigError
+from backupd.errors import ConfigError, QemuTooOldError
+from backupd.qemu.fleece import choose_method
+from backupd.qemu.inventory import Disk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +48,23 @@ vms:
     assert a.transfer.compress and a.retention.keep_daily == 2
     assert b.retention.keep_daily == 7 and b.qmp_address == ("127.0.0.1", 4444)
     assert a.qmp_address == "/run/a.qmp"
+    assert a.fleecing == "auto"
+
+
+def _disk(name: str, device: str | None) -> Disk:
+    return Disk(name, f"drive-{name}", "qcow2", "/x", 1 << 20, False, device)
+
+
+def test_fleecing_method_follows_qemu_and_devices() -> None:
+    vda, bare = _disk("vda", "/machine/peripheral/vda/virtio-backend"), _disk("n", None)
+    assert choose_method("auto", (7, 2, 0), [vda]) == "snapshot-access"
+    assert choose_method("auto", (7, 0, 0), [vda]) == "blockdev-backup"
+    assert choose_method("auto", (8, 2, 1), [vda, bare]) == "blockdev-backup"
+    assert choose_method("blockdev-backup", (9, 0, 0), [vda]) == "blockdev-backup"
+    with pytest.raises(QemuTooOldError, match=r"snapshot-access needs qemu >= 7\.1"):
+        choose_method("snapshot-access", (6, 2, 0), [vda])
+    with pytest.raises(ConfigError, match="n has none"):
+        choose_method("snapshot-access", (7, 2, 0), [vda, bare])
 
 
 @pytest.mark.parametrize(
@@ -66,6 +85,10 @@ vms:
         ("repository: /r\nconnections: 0\nvms: {a: {qmp: /x}}", "connections must be at least 1"),
         ("- a\n- b", "must be a mapping"),
         ("repository: [oops", "malformed YAML at line 1"),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, fleecing: lvm}}",
+            "vms.a.fleecing must be one of auto, snapshot-access, blockdev-backup, not 'lvm'",
+        ),
     ],
 )
 def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
