@@ -461,6 +461,35 @@ async def test_bad_input(
         assert result.returncode == 1 and "QMP" in result.stderr
         assert "Traceback" not in result.stderr
         cases += 1
+        # qemu's own QMP socket, not permitted: as root without the capability that
+        # overrides file permissions (CI runs as root)
+        mode = vm.qmp_path.stat().st_mode & 0o777
+        vm.qmp_path.chmod(0)
+        try:
+            denied = subprocess.run(
+                [
+                    "setpriv",
+                    "--inh-caps=-dac_override,-dac_read_search",
+                    "--bounding-set=-dac_override,-dac_read_search",
+                    sys.executable,
+                    "-m",
+                    "backupd",
+                    "-c",
+                    str(config),
+                    "run",
+                    "--vm",
+                    "guest1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            vm.qmp_path.chmod(mode)
+        assert denied.returncode == 1, denied.stderr
+        assert f"cannot connect to QMP at {vm.qmp_path}: permission denied" in denied.stderr
+        assert "Traceback" not in denied.stderr and not backups(repo)
+        cases += 1
         await vm.write("vda", 0, MiB, 0x71)
         assert backupd(config, "run", "--vm", "guest1").returncode == 0
         manifest = backups(repo)[-1] / "manifest.json"
