@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbdclient
 from nbdclient.constants import ReplyType
+from nbdclient.extents import map_export
 
 from .fakeserver import FakeServer, Request, Session
 
@@ -73,3 +74,54 @@ async def test_fuzzed_replies(sockdir: Path) -> None:
     assert peak < 64 << 20, f"peak traced memory {peak}"
     assert outcomes.get("RemoteProtocolError", 0) > 50
     assert sum(outcomes.values()) == 300
+
+
+async def test_hostile_extents(sockdir: Path) -> None:
+    """Block-status replies with well-formed framing but nonsense extents (zero lengths,
+    lengths past the request or the export, unknown context ids, nothing at all): a map
+    of the whole export either completes, covering every byte exactly once in order, or
+    fails with nbdclient's own error; it never spins or hangs."""
+    rng = random.Random(99)
+    outcomes: dict[str, int] = {}
+
+    async def handler(session: Session, request: Request) -> None:
+        ids = list(session.contexts.values())
+        chunks = []
+        for cid in ids:
+            if rng.random() < 0.1:
+                cid = rng.getrandbits(32)  # a context nobody asked for
+            extents = [
+                (rng.choice([0, 0, 512, 4096, request.length, 1 << 31]), rng.getrandbits(2))
+                for _ in range(rng.choice([0, 1, 3, 20]))
+            ]
+            chunks.append((cid, extents))
+        for i, (cid, extents) in enumerate(chunks):
+            session.write(
+                session.status_chunk(request.cookie, cid, extents, done=i == len(chunks) - 1)
+            )
+        if not chunks:
+            session.write(session.done(request.cookie))
+
+    async with FakeServer(str(sockdir / "e"), handler=handler) as srv:
+        for _ in range(200):
+            client = await nbdclient.connect(
+                srv.uri,
+                meta_contexts=["base:allocation", "qemu:dirty-bitmap:b1"],
+                request_timeout=0.2,
+            )
+            try:
+                async with asyncio.timeout(3):
+                    extents = await map_export(client, dirty_context="qemu:dirty-bitmap:b1")
+                position = 0
+                for e in extents:
+                    assert e.offset == position and e.length > 0
+                    position += e.length
+                assert position == client.size
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            except nbdclient.NBDError as exc:
+                name = type(exc).__name__
+                outcomes[name] = outcomes.get(name, 0) + 1
+            finally:
+                await client.disconnect()
+    assert sum(outcomes.values()) == 200
+    assert outcomes.get("ok", 0) > 10 and len(outcomes) > 1, outcomes
