@@ -23,10 +23,14 @@ from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
-from backupd.qcow2.writer import pwrite_all
+from backupd.qcow2.writer import pwrite_all, start_writeback
 from nbdclient.extents import MappedExtent, map_export
 
 CLUSTER = 65536
+#: reads up to this size are written and hashed on the event loop (~50 us)
+INLINE_STORE = 256 << 10
+#: start the disk writing the backup file every this many bytes stored
+WRITEBACK_EVERY = 64 << 20
 Interval = tuple[int, int]  # [start, end) in clusters
 
 
@@ -122,8 +126,10 @@ class DiskCopy:
     copied: int = 0
 
 
-def _store(fd: int, data: memoryview, host: int) -> str:
+def _store(fd: int, data: memoryview, host: int, writeback: bool = False) -> str:
     pwrite_all(fd, data, host)
+    if writeback:
+        start_writeback(fd)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -184,7 +190,12 @@ async def transfer_disk(
                 else:
                     host = active_writer.allocate(offset, length)
                     await client.pread_into(view, offset)
-                    digest = await asyncio.to_thread(_store, active_writer.fd, view, host)
+                    kick = (stored + length) // WRITEBACK_EVERY != stored // WRITEBACK_EVERY
+                    fd = active_writer.fd
+                    if length <= INLINE_STORE and not kick:  # cheaper than a thread hand-off
+                        digest = _store(fd, view, host)
+                    else:
+                        digest = await asyncio.to_thread(_store, fd, view, host, kick)
                     digests.append(DigestRun(host, length, offset, digest))
                     stored += length
                 checkpoint("mid-copy")

@@ -374,7 +374,13 @@ async def main() -> None:
         default=Path("/var/tmp"),
         help="where to put the disks (needs ~12 GiB of free space)",
     )
+    parser.add_argument(
+        "--cases",
+        default="1,2,3,4,5,6,7",
+        help="comma-separated case numbers to run (default: all)",
+    )
     args = parser.parse_args()
+    cases = {int(c) for c in args.cases.split(",")}
     work = Path(tempfile.mkdtemp(prefix="backupd-bench-", dir=args.dir))
     bench = Bench(work, args.rounds)
     started = time.perf_counter()
@@ -383,24 +389,32 @@ async def main() -> None:
         print(f"bench: preparing disks in {work}", flush=True)
         half = work / "half.qcow2"
         half_data = make_disk(half, size, [(o, MiB) for o in range(0, size, 2 * MiB)], 1)
-        scattered = work / "scattered.qcow2"
-        rng = random.Random(2)
-        chunks = sorted(rng.sample(range(size // 65536), size // 4 // 65536))
-        scat_data = make_disk(scattered, size, [(c * 65536, 65536) for c in chunks], 2)
-        print("case 1-2: full backups", flush=True)
-        _, rss = await bench.full_case("50% in 1 MiB runs", half, half_data)
-        row("peak RSS, 4 GiB disk full backup", f"{rss / 1024:.0f} MiB")
-        await bench.full_case("25% in 64 KiB runs", scattered, scat_data)
-        print("case 6: nbdclient copy", flush=True)
-        await bench.copy_case(half, half_data)
-        print("case 3: incrementals", flush=True)
-        await bench.incremental_case(half)
-        print("case 7: restore", flush=True)
-        await bench.restore_case(half, half_data)
-        print("case 4: virtual size", flush=True)
-        await bench.sparse_case()
-        print("case 5: parallel disks", flush=True)
-        await bench.parallel_case()
+        if cases & {1, 2}:
+            print("case 1-2: full backups", flush=True)
+        if 1 in cases:
+            _, rss = await bench.full_case("50% in 1 MiB runs", half, half_data)
+            row("peak RSS, 4 GiB disk full backup", f"{rss / 1024:.0f} MiB")
+        if 2 in cases:
+            scattered = work / "scattered.qcow2"
+            rng = random.Random(2)
+            chunks = sorted(rng.sample(range(size // 65536), size // 4 // 65536))
+            scat_data = make_disk(scattered, size, [(c * 65536, 65536) for c in chunks], 2)
+            await bench.full_case("25% in 64 KiB runs", scattered, scat_data)
+        if 6 in cases:
+            print("case 6: nbdclient copy", flush=True)
+            await bench.copy_case(half, half_data)
+        if 3 in cases:
+            print("case 3: incrementals", flush=True)
+            await bench.incremental_case(half)
+        if 7 in cases:
+            print("case 7: restore", flush=True)
+            await bench.restore_case(half, half_data)
+        if 4 in cases:
+            print("case 4: virtual size", flush=True)
+            await bench.sparse_case()
+        if 5 in cases:
+            print("case 5: parallel disks", flush=True)
+            await bench.parallel_case()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(bench.sockets, ignore_errors=True)
