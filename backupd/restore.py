@@ -17,7 +17,8 @@ from pathlib import Path
 import nbdclient
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2 import Qcow2Writer
-from backupd.qcow2.writer import pwrite_all
+from backupd.qcow2.writer import pwrite_all, start_writeback
+from backupd.transfer import WRITEBACK_EVERY
 from nbdclient.copy import copy_extents, map_source, zero_extents
 from nbdclient.extents import MappedExtent
 
@@ -71,9 +72,19 @@ async def restore_to_file(
             try:
                 os.ftruncate(fd, size)
 
+                written = 0
+
+                def store(view: memoryview, offset: int, kick: bool) -> None:
+                    pwrite_all(fd, view, offset)
+                    if kick:  # the disk writes while the copy goes on
+                        start_writeback(fd)
+
                 async def write_raw(view: memoryview, offset: int) -> None:
+                    nonlocal written
+                    kick = (written + len(view)) // WRITEBACK_EVERY != written // WRITEBACK_EVERY
+                    written += len(view)
                     # in a thread: the event loop keeps receiving meanwhile
-                    await asyncio.to_thread(pwrite_all, fd, view, offset)
+                    await asyncio.to_thread(store, view, offset, kick)
 
                 await copy_extents(
                     clients,
@@ -83,7 +94,7 @@ async def restore_to_file(
                     request_size=request_size,
                     progress=progress,
                 )
-                os.fsync(fd)
+                await asyncio.to_thread(os.fsync, fd)
             finally:
                 os.close(fd)
         elif fmt == "qcow2":
