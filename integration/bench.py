@@ -402,7 +402,8 @@ async def main() -> None:
         if cases & {1, 2}:
             print("case 1-2: full backups", flush=True)
         if 1 in cases:
-            _, rss = await bench.full_case("50% in 1 MiB runs", half, half_data)
+            full_time, rss = await bench.full_case("50% in 1 MiB runs", half, half_data)
+            full_rate = half_data / MiB / full_time
             row("peak RSS, 4 GiB disk full backup", f"{rss / 1024:.0f} MiB")
         if 2 in cases:
             scattered = work / "scattered.qcow2"
@@ -415,7 +416,12 @@ async def main() -> None:
             await bench.copy_case(half, half_data)
         if 3 in cases:
             print("case 3: incrementals", flush=True)
-            await bench.incremental_case(half)
+            dirty_rate = await bench.incremental_case(half)
+            if 1 in cases:
+                row(
+                    "ratio incremental dirty MiB/s / full MiB/s (target >= 0.5)",
+                    f"{dirty_rate / full_rate:.2f}x",
+                )
         if 7 in cases:
             print("case 7: restore", flush=True)
             await bench.restore_case(half, half_data)
