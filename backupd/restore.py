@@ -17,8 +17,7 @@ from pathlib import Path
 import nbdclient
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2 import Qcow2Writer
-from backupd.qcow2.writer import pwrite_all, start_writeback
-from backupd.transfer import WRITEBACK_EVERY
+from backupd.qcow2.writer import pwrite_all, start_writeback, writeback_due
 from nbdclient.copy import copy_extents, map_source, zero_extents
 from nbdclient.extents import MappedExtent
 
@@ -81,7 +80,7 @@ async def restore_to_file(
 
                 async def write_raw(view: memoryview, offset: int) -> None:
                     nonlocal written
-                    kick = (written + len(view)) // WRITEBACK_EVERY != written // WRITEBACK_EVERY
+                    kick = writeback_due(written, len(view))
                     written += len(view)
                     # in a thread: the event loop keeps receiving meanwhile
                     await asyncio.to_thread(store, view, offset, kick)

@@ -23,14 +23,12 @@ from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
-from backupd.qcow2.writer import pwrite_all, start_writeback
+from backupd.qcow2.writer import pwrite_all, start_writeback, writeback_due
 from nbdclient.extents import MappedExtent, map_export
 
 CLUSTER = 65536
 #: reads up to this size are written and hashed on the event loop (~50 us)
 INLINE_STORE = 256 << 10
-#: start the disk writing the backup file every this many bytes stored
-WRITEBACK_EVERY = 64 << 20
 Interval = tuple[int, int]  # [start, end) in clusters
 
 
@@ -190,7 +188,7 @@ async def transfer_disk(
                 else:
                     host = active_writer.allocate(offset, length)
                     await client.pread_into(view, offset)
-                    kick = (stored + length) // WRITEBACK_EVERY != stored // WRITEBACK_EVERY
+                    kick = writeback_due(stored, length)
                     fd = active_writer.fd
                     if length <= INLINE_STORE and not kick:  # cheaper than a thread hand-off
                         digest = _store(fd, view, host)

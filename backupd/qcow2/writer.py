@@ -52,6 +52,15 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+#: start the disk writing a file every this many bytes written
+WRITEBACK_EVERY = 64 << 20
+
+
+def writeback_due(written: int, length: int) -> bool:
+    """Whether writing ``length`` more bytes after ``written`` crosses a writeback mark."""
+    return (written + length) // WRITEBACK_EVERY != written // WRITEBACK_EVERY
+
+
 def start_writeback(fd: int) -> None:
     """Start writing the file's dirty pages to disk now, without waiting (Linux
     ``sync_file_range``): the disk works while the copy goes on, so the final fsync has
