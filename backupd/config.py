@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from backupd.errors import ConfigError
+from nbdclient.copy import DEFAULT_REQUEST_SIZE
 
 FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -51,7 +52,7 @@ class Transfer:
 
     connections: int = 4
     requests: int = 16
-    request_size: int = 2 << 20
+    request_size: int = DEFAULT_REQUEST_SIZE
     compress: bool = False
 
 
@@ -250,7 +251,7 @@ def parse_config(data: Any, path: Path) -> Config:
             "compress": False,
             "connections": 4,
             "requests": 16,
-            "request_size": 2 << 20,
+            "request_size": DEFAULT_REQUEST_SIZE,
             "timeout": 30.0,
             "fleecing": "auto",
         },

@@ -18,7 +18,7 @@ import nbdclient
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2 import Qcow2Writer
 from backupd.qcow2.writer import pwrite_all, start_writeback, writeback_due
-from nbdclient.copy import copy_extents, map_source, zero_extents
+from nbdclient.copy import DEFAULT_REQUEST_SIZE, copy_extents, map_source, zero_extents
 from nbdclient.extents import MappedExtent
 
 CLUSTER = 65536
@@ -57,7 +57,7 @@ async def restore_to_file(
     fmt: str = "raw",
     requests: int = 16,
     connections: int = 4,
-    request_size: int = 2 << 20,
+    request_size: int = DEFAULT_REQUEST_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> RestoreStats:
     clients = await _connect_all(uri, connections)

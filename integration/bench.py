@@ -98,9 +98,10 @@ def med(values: list[float]) -> float:
 
 
 class Bench:
-    def __init__(self, work: Path, rounds: int) -> None:
+    def __init__(self, work: Path, rounds: int, settings: dict[str, object]) -> None:
         self.work = work
         self.rounds = rounds
+        self.settings = settings
         self.sockets = Path(tempfile.mkdtemp(prefix="bkd-bench-", dir="/tmp"))
 
     def config(
@@ -114,6 +115,7 @@ class Bench:
                     "scratch_dir": str(self.work / "scratch"),
                     "runtime_dir": str(self.sockets),
                     "vms": vms or {"guest1": {"qmp": str(vm.qmp_path)}},
+                    **self.settings,
                 }
             )
         )
@@ -389,10 +391,14 @@ async def main() -> None:
         default="1,2,3,4,5,6,7",
         help="comma-separated case numbers to run (default: all)",
     )
+    parser.add_argument("--request-size", help="backupd's request_size setting (e.g. 512K)")
     args = parser.parse_args()
+    settings: dict[str, object] = {}
+    if args.request_size:
+        settings["request_size"] = args.request_size
     cases = {int(c) for c in args.cases.split(",")}
     work = Path(tempfile.mkdtemp(prefix="backupd-bench-", dir=args.dir))
-    bench = Bench(work, args.rounds)
+    bench = Bench(work, args.rounds, settings)
     started = time.perf_counter()
     try:
         size = args.size_gib * GiB

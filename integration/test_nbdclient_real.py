@@ -181,6 +181,13 @@ def test_cli_against_nbdinfo_and_nbdcopy(image: Path, sockdir: Path, tmp_path: P
         assert out.read_bytes() == ref_out.read_bytes() == expected_bytes()
         # thin: only the data is allocated
         assert out.stat().st_blocks * 512 <= 3 * MiB
+        # a read size that splits the data runs unevenly gives the same bytes
+        odd = tmp_path / "odd.raw"
+        result = run_cli("copy", "--request-size", "12K", "--requests", "3", uri, str(odd))
+        assert result.returncode == 0, result.stderr
+        assert odd.read_bytes() == expected_bytes()
+        bad_size = run_cli("copy", "--request-size", "64M", uri, str(odd))
+        assert bad_size.returncode == 2 and "not between 4K and 32M" in bad_size.stderr
         bad = run_cli("info", "nbd+unix:///exp?socket=/nonexistent/sock")
         assert bad.returncode == 1 and "cannot connect" in bad.stderr
         assert "Traceback" not in bad.stderr

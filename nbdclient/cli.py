@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 from . import __name__ as _pkg
 from .client import connect, list_exports, list_meta_contexts
 from .constants import BASE_ALLOCATION
-from .copy import copy_to_file, copy_to_nbd
+from .copy import DEFAULT_REQUEST_SIZE, copy_to_file, copy_to_nbd
 from .errors import NBDError, NegotiationError, UnsupportedError
 from .extents import iter_block_status
 from .uri import parse_uri
@@ -121,7 +122,7 @@ async def _map(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    request_size = args.request_size << 20
+    request_size = args.request_size
     bar: Any = None
     if sys.stderr.isatty() and not args.quiet:
         from tqdm import tqdm
@@ -155,6 +156,17 @@ async def _copy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _size(text: str) -> int:
+    """A read size: bytes, or a number with K or M (powers of 1024)."""
+    match = re.fullmatch(r"(\d+)([KkMm]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512K or 2M)")
+    value = int(match[1]) << {"": 0, "k": 10, "m": 20}[match[2].lower()]
+    if not 4096 <= value <= 32 << 20:
+        raise argparse.ArgumentTypeError(f"read size {text} is not between 4K and 32M")
+    return value
 
 
 def _uri(text: str) -> str:
@@ -197,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p.add_argument("--requests", type=int, default=16, help="reads in flight (default 16)")
     p.add_argument("--connections", type=int, default=4, help="with multi-conn (default 4)")
-    p.add_argument("--request-size", type=int, default=2, help="MiB per read (default 2)")
+    p.add_argument(
+        "--request-size",
+        type=_size,
+        default=DEFAULT_REQUEST_SIZE,
+        help="bytes per read, e.g. 256K or 2M (default 512K)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_copy)
     return parser

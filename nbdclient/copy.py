@@ -23,6 +23,11 @@ from .uri import NBDURI, parse_uri
 
 ProgressCallback = Callable[[int], None]
 
+#: bytes per read.  qemu's NBD server allocates a buffer per request; from 1 MiB on
+#: that costs it ~3x the CPU per byte (measured: 2 GiB from qemu-nbd in 0.40 s at
+#: 512 KiB, 1.0 s at 1-4 MiB), so larger requests are slower, not faster.
+DEFAULT_REQUEST_SIZE = 512 << 10
+
 
 @dataclass(frozen=True, slots=True)
 class CopyStats:
@@ -69,7 +74,7 @@ async def copy_extents(
     write: Callable[[memoryview, int], Awaitable[None] | None],
     *,
     requests: int = 16,
-    request_size: int = 2 << 20,
+    request_size: int = DEFAULT_REQUEST_SIZE,
     progress: ProgressCallback | None = None,
 ) -> int:
     """Read every data extent and hand it to ``write(data, offset)``; returns bytes read.
@@ -107,7 +112,7 @@ async def copy_to_file(
     *,
     requests: int = 16,
     connections: int = 4,
-    request_size: int = 2 << 20,
+    request_size: int = DEFAULT_REQUEST_SIZE,
     sparse: bool = True,
     timeout: float = 10.0,
     progress: ProgressCallback | None = None,
@@ -173,7 +178,7 @@ async def copy_to_nbd(
     destination: str | NBDURI,
     *,
     requests: int = 16,
-    request_size: int = 2 << 20,
+    request_size: int = DEFAULT_REQUEST_SIZE,
     timeout: float = 10.0,
     progress: ProgressCallback | None = None,
 ) -> CopyStats:

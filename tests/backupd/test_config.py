@@ -24,7 +24,7 @@ def test_example_config_loads() -> None:
     config = load_config(ROOT / "configs" / "backupd.yaml")
     vm = config.vm("guest1")
     assert vm.qmp == "/run/qemu/guest1.qmp" and vm.max_chain == 14
-    assert vm.transfer.request_size == 2 << 20 and vm.disks is None
+    assert vm.transfer.request_size == 512 << 10 and vm.disks is None
     assert config.scratch_dir == Path("/var/lib/backupd/.scratch")
 
 
