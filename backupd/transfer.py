@@ -5,9 +5,10 @@ incremental) and turned into cluster runs: *data* runs are read and stored, *zer
 become qcow2 zero clusters (an incremental must hide older data), everything else is
 left out (a full does not store zeros; an incremental falls through to its backing
 file).  ``requests`` reads are in flight, spread over several connections when the
-export allows multi-conn.  Host space is allocated when a read is issued; the bytes are
-written with ``os.pwrite`` and hashed in a worker thread (both release the GIL) while
-the event loop receives the next replies straight into preallocated buffers.
+export allows multi-conn.  Host space is allocated when a read is issued; the event loop
+receives each reply straight into a page-aligned buffer, and a worker thread writes it
+with direct I/O (no page-cache copy; buffered where the filesystem refuses) and hashes
+it, both without the GIL, while the loop receives the next replies.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ from pathlib import Path
 import nbdclient
 from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
+from backupd.fileio import (
+    aligned_buffer,
+    close_quietly,
+    direct_ok,
+    open_direct,
+    pwrite_all,
+    start_writeback,
+    write_direct,
+    writeback_due,
+)
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
-from backupd.qcow2.writer import pwrite_all, start_writeback, writeback_due
 from nbdclient.extents import MappedExtent, map_export
 
 CLUSTER = 65536
@@ -152,6 +162,7 @@ async def transfer_disk(
     )
     clients = [first]
     writer: Qcow2Writer | None = None
+    direct_fd = -1
     try:
         size = first.size
         extents = await map_export(first, dirty_context=dirty_context)
@@ -168,6 +179,8 @@ async def transfer_disk(
             )
             clients.extend(more)
         writer = Qcow2Writer(path, size, cluster_size=CLUSTER, backing_file=backing_file).open()
+        direct_fd = -1 if settings.compress else open_direct(path)
+        use_direct = direct_fd >= 0
         for start, end in plan.zero:
             writer.write_zeroes(start * CLUSTER, min(end * CLUSTER, size) - start * CLUSTER)
         request_size = min(settings.request_size, *(c.max_request for c in clients))
@@ -177,9 +190,15 @@ async def transfer_disk(
         stored = 0
         active_writer = writer
 
+        def store_direct(view: memoryview, host: int) -> str:
+            nonlocal use_direct
+            if not write_direct(direct_fd, active_writer.fd, view, host):
+                use_direct = False
+            return hashlib.sha256(view).hexdigest()
+
         async def worker(client: nbdclient.Client) -> None:
             nonlocal stored
-            buf = memoryview(bytearray(request_size))
+            buf = aligned_buffer(request_size)
             for offset, length in work:
                 view = buf[:length]
                 if settings.compress:
@@ -188,11 +207,13 @@ async def transfer_disk(
                 else:
                     host = active_writer.allocate(offset, length)
                     await client.pread_into(view, offset)
-                    kick = writeback_due(stored, length)
                     fd = active_writer.fd
-                    if length <= INLINE_STORE and not kick:  # cheaper than a thread hand-off
-                        digest = _store(fd, view, host)
+                    if use_direct and direct_ok(view, host):
+                        digest = await asyncio.to_thread(store_direct, view, host)
+                    elif length <= INLINE_STORE and not writeback_due(stored, length):
+                        digest = _store(fd, view, host)  # cheaper than a thread hand-off
                     else:
+                        kick = writeback_due(stored, length)
                         digest = await asyncio.to_thread(_store, fd, view, host, kick)
                     digests.append(DigestRun(host, length, offset, digest))
                     stored += length
@@ -224,6 +245,7 @@ async def transfer_disk(
             writer.abort()
         raise
     finally:
+        close_quietly(direct_fd)
         await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
 
 

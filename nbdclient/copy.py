@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -88,8 +89,8 @@ async def copy_extents(
 
     async def worker(client: Client) -> None:
         nonlocal total
-        buf = bytearray(request_size)
-        view = memoryview(buf)
+        # page-aligned (mmap), so a writer may use direct I/O straight from it
+        view = memoryview(mmap.mmap(-1, request_size))
         for offset, length in work:
             part = view[:length]
             await client.pread_into(part, offset)

@@ -14,59 +14,14 @@ virtual size.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
+from backupd.fileio import pwrite_all
 from backupd.qcow2 import layout
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written (a short write is not an error by itself)."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(f"short write at offset {offset}")
-        view = view[written:]
-        offset += written
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-#: start the disk writing a file every this many bytes written
-WRITEBACK_EVERY = 64 << 20
-
-
-def writeback_due(written: int, length: int) -> bool:
-    """Whether writing ``length`` more bytes after ``written`` crosses a writeback mark."""
-    return (written + length) // WRITEBACK_EVERY != written // WRITEBACK_EVERY
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk now, without waiting (Linux
-    ``sync_file_range``): the disk works while the copy goes on, so the final fsync has
-    little left to do.  Elsewhere a no-op."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True, slots=True)
