@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from backupd.digests import ALGORITHMS, LEGACY
 from backupd.errors import RepositoryError
 
 FORMAT = 1
@@ -15,13 +16,14 @@ KINDS = ("full", "incremental")
 
 @dataclass(frozen=True, slots=True)
 class DigestRun:
-    """sha256 of ``length`` stored bytes at ``host_offset`` in the backup file, holding
-    the guest data (or compressed clusters) starting at ``guest_offset``."""
+    """Digest (the disk record's algorithm) of ``length`` stored bytes at ``host_offset``
+    in the backup file, holding the guest data (or compressed clusters) starting at
+    ``guest_offset``."""
 
     host_offset: int
     length: int
     guest_offset: int
-    sha256: str
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class DiskRecord:
     zero_extents: int
     compressed: bool = False
     digests: tuple[DigestRun, ...] = ()
+    digest_algorithm: str = LEGACY
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,7 @@ class Manifest:
         data = asdict(self)
         for disk in data["disks"].values():
             disk["digests"] = [
-                [d["host_offset"], d["length"], d["guest_offset"], d["sha256"]]
+                [d["host_offset"], d["length"], d["guest_offset"], d["digest"]]
                 for d in disk["digests"]
             ]
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
@@ -92,6 +95,9 @@ class Manifest:
             digests = tuple(
                 DigestRun(int(h), int(n), int(g), str(s)) for h, n, g, s in disk["digests"]
             )
+            algorithm = str(disk.get("digest_algorithm", LEGACY))
+            if algorithm not in ALGORITHMS:
+                raise ValueError(f"unknown digest algorithm {algorithm!r}")
             disks[name] = DiskRecord(
                 name=str(disk["name"]),
                 file=str(disk["file"]),
@@ -104,6 +110,7 @@ class Manifest:
                 zero_extents=int(disk["zero_extents"]),
                 compressed=bool(disk.get("compressed", False)),
                 digests=digests,
+                digest_algorithm=algorithm,
             )
         if not disks:
             raise ValueError("no disks")

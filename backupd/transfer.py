@@ -5,27 +5,29 @@ incremental) and turned into cluster runs: *data* runs are read and stored, *zer
 become qcow2 zero clusters (an incremental must hide older data), everything else is
 left out (a full does not store zeros; an incremental falls through to its backing
 file).  ``requests`` reads are in flight, spread over several connections when the
-export allows multi-conn.  Host space is allocated when a read is issued; the event loop
-receives each reply straight into a page-aligned buffer, and a worker thread writes it
-with direct I/O (no page-cache copy; buffered where the filesystem refuses) and hashes
-it, both without the GIL, while the loop receives the next replies.
+export allows multi-conn.  Host space is allocated when a read is issued, in issue order,
+so consecutive reads fill consecutive host space: a worker takes a *batch* of reads up
+to ``request_size`` (many small extents, or one slice of a large one), receives them
+straight into one page-aligned buffer, and a thread writes the batch with one direct-I/O
+write (no page-cache copy; buffered where the filesystem refuses) and hashes each read,
+both without the GIL, while the event loop receives the next replies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbdclient
 from backupd.config import Transfer
+from backupd.digests import ALGORITHM, hexdigest
 from backupd.faults import checkpoint, hang_point
 from backupd.fileio import (
+    DIRECT_ALIGN,
     aligned_buffer,
     close_quietly,
-    direct_ok,
     open_direct,
     pwrite_all,
     start_writeback,
@@ -126,6 +128,23 @@ def _chunks(
             yield offset, min(step, last - offset)
 
 
+def _batches(
+    chunks: Iterator[tuple[int, int]], limit: int, cluster: int
+) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive chunks grouped while their host space (whole clusters) fits ``limit``."""
+    batch: list[tuple[int, int]] = []
+    used = 0
+    for offset, length in chunks:
+        need = -(-length // cluster) * cluster
+        if batch and used + need > limit:
+            yield batch
+            batch, used = [], 0
+        batch.append((offset, length))
+        used += need
+    if batch:
+        yield batch
+
+
 @dataclass
 class DiskCopy:
     """Counters of one disk's copy, updated as it runs."""
@@ -134,11 +153,9 @@ class DiskCopy:
     copied: int = 0
 
 
-def _store(fd: int, data: memoryview, host: int, writeback: bool = False) -> str:
+def _store(fd: int, data: memoryview, host: int) -> str:
     pwrite_all(fd, data, host)
-    if writeback:
-        start_writeback(fd)
-    return hashlib.sha256(data).hexdigest()
+    return hexdigest(data)
 
 
 async def transfer_disk(
@@ -185,42 +202,63 @@ async def transfer_disk(
             writer.write_zeroes(start * CLUSTER, min(end * CLUSTER, size) - start * CLUSTER)
         request_size = min(settings.request_size, *(c.max_request for c in clients))
         request_size = max(CLUSTER, request_size // CLUSTER * CLUSTER)
-        work = _chunks(plan.data, request_size, size, CLUSTER)
+        chunks = _chunks(plan.data, request_size, size, CLUSTER)
         digests: list[DigestRun] = []
         stored = 0
         active_writer = writer
 
-        def store_direct(view: memoryview, host: int) -> str:
+        def store_batch(
+            buf: memoryview, span: int, host: int, pieces: list[tuple[int, int]]
+        ) -> list[str]:
+            """Write ``buf[:span]`` at ``host`` (in a thread, or inline when small) and
+            hash each read; ``pieces`` are (position in ``buf``, length) of the reads."""
             nonlocal use_direct
-            if not write_direct(direct_fd, active_writer.fd, view, host):
-                use_direct = False
-            return hashlib.sha256(view).hexdigest()
+            if use_direct:
+                padded = -(-span // DIRECT_ALIGN) * DIRECT_ALIGN
+                buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
+                use_direct = write_direct(direct_fd, active_writer.fd, buf[:padded], host)
+            else:
+                pwrite_all(active_writer.fd, buf[:span], host)
+            return [hexdigest(buf[rel : rel + n]) for rel, n in pieces]
 
         async def worker(client: nbdclient.Client) -> None:
             nonlocal stored
             buf = aligned_buffer(request_size)
-            for offset, length in work:
-                view = buf[:length]
-                if settings.compress:
+            if settings.compress:
+                for offset, length in chunks:
+                    view = buf[:length]
                     await client.pread_into(view, offset)
                     stored += await _store_compressed(active_writer, view, offset, digests)
+                    await _after(length)
+                return
+            for batch in _batches(chunks, request_size, CLUSTER):
+                hosts = [active_writer.allocate(offset, length) for offset, length in batch]
+                base = hosts[0]
+                pieces = [(h - base, length) for h, (_, length) in zip(hosts, batch, strict=True)]
+                if len(batch) == 1:
+                    await client.pread_into(buf[: batch[0][1]], batch[0][0])
                 else:
-                    host = active_writer.allocate(offset, length)
-                    await client.pread_into(view, offset)
-                    fd = active_writer.fd
-                    if use_direct and direct_ok(view, host):
-                        digest = await asyncio.to_thread(store_direct, view, host)
-                    elif length <= INLINE_STORE and not writeback_due(stored, length):
-                        digest = _store(fd, view, host)  # cheaper than a thread hand-off
-                    else:
-                        kick = writeback_due(stored, length)
-                        digest = await asyncio.to_thread(_store, fd, view, host, kick)
-                    digests.append(DigestRun(host, length, offset, digest))
-                    stored += length
-                checkpoint("mid-copy")
-                await hang_point("mid-copy")
-                if progress is not None:
-                    progress(length)
+                    async with asyncio.TaskGroup() as reads:
+                        for (offset, length), (rel, _) in zip(batch, pieces, strict=True):
+                            reads.create_task(client.pread_into(buf[rel : rel + length], offset))
+                span = pieces[-1][0] + pieces[-1][1]
+                kick = not use_direct and writeback_due(stored, span)
+                if not use_direct and span <= INLINE_STORE and not kick:
+                    hashes = store_batch(buf, span, base, pieces)  # cheaper than a thread
+                else:
+                    hashes = await asyncio.to_thread(store_batch, buf, span, base, pieces)
+                    if kick:
+                        start_writeback(active_writer.fd)
+                for (offset, length), h, digest in zip(batch, hosts, hashes, strict=True):
+                    digests.append(DigestRun(h, length, offset, digest))
+                stored += sum(length for _, length in batch)
+                await _after(sum(length for _, length in batch))
+
+        async def _after(length: int) -> None:
+            checkpoint("mid-copy")
+            await hang_point("mid-copy")
+            if progress is not None:
+                progress(length)
 
         async with asyncio.TaskGroup() as group:
             for index in range(max(1, settings.requests)):
@@ -239,6 +277,7 @@ async def transfer_disk(
             zero_extents=len(plan.zero),
             compressed=settings.compress,
             digests=tuple(digests),
+            digest_algorithm=ALGORITHM,
         )
     except BaseException:
         if writer is not None:

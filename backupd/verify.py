@@ -9,13 +9,13 @@ in any data cluster is found and reported with backup id, disk and guest offset.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 
 import aiofiles
 
+from backupd.digests import hexdigest
 from backupd.errors import BackupdError, NotFoundError
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
@@ -56,10 +56,6 @@ async def _qemu_img_check(path: str) -> str | None:
         return "qemu-img check: " + (lines[-1] if lines else f"exit {proc.returncode}")
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 async def _check_digests(path: str, manifest: Manifest, disk: str, report: Report) -> None:
     """Re-hash every stored run (reads through aiofiles, hashing in a thread)."""
     record = manifest.disks[disk]
@@ -76,8 +72,8 @@ async def _check_digests(path: str, manifest: Manifest, disk: str, report: Repor
             data = await f.read(run.length)
             report.digests += 1
             report.bytes += len(data)
-            digest = await asyncio.to_thread(_sha256, data)
-            if digest != run.sha256:
+            digest = await asyncio.to_thread(hexdigest, data, record.digest_algorithm)
+            if digest != run.digest:
                 report.problems.append(
                     f"backup {manifest.id} disk {disk}: stored data at guest offset "
                     f"{run.guest_offset} (+{run.length} bytes) does not match its digest"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -213,6 +214,23 @@ async def test_verify_finds_damage(
     await make_chain(vm, config, rounds=3)
     assert backupd(config, "verify", "--vm", "guest1", "--all").returncode == 0
     found = backups(tmp_path / "repo")
+    # a manifest of the earlier sha256 form (no algorithm named) is still verified
+    legacy = json.loads((found[0] / "manifest.json").read_text())
+    record = legacy["disks"]["vda"]
+    assert record.pop("digest_algorithm") == "blake3"
+    with open(found[0] / "vda.qcow2", "rb") as f:
+        for run in record["digests"]:
+            f.seek(run[0])
+            run[3] = hashlib.sha256(f.read(run[1])).hexdigest()
+    (found[0] / "manifest.json").write_text(json.dumps(legacy))
+    assert backupd(config, "verify", "--vm", "guest1", "--backup", found[0].name).returncode == 0
+    good = record["digests"][-1][3]
+    record["digests"][-1][3] = hashlib.sha256(b"something else").hexdigest()
+    (found[0] / "manifest.json").write_text(json.dumps(legacy))
+    result = backupd(config, "verify", "--vm", "guest1", "--backup", found[0].name)
+    assert result.returncode == 4 and "does not match its digest" in result.stderr
+    record["digests"][-1][3] = good
+    (found[0] / "manifest.json").write_text(json.dumps(legacy))
     victim = found[1]
     manifest = json.loads((victim / "manifest.json").read_text())
     host, length, guest, _ = manifest["disks"]["vda"]["digests"][0]
