@@ -41,6 +41,8 @@ from nbdclient.extents import MappedExtent, map_export
 CLUSTER = 65536
 #: reads up to this size are written and hashed on the event loop (~50 us)
 INLINE_STORE = 256 << 10
+#: host bytes written at once: consecutive reads are batched up to this size
+WRITE_BATCH = 2 << 20
 Interval = tuple[int, int]  # [start, end) in clusters
 
 
@@ -203,6 +205,7 @@ async def transfer_disk(
         request_size = min(settings.request_size, *(c.max_request for c in clients))
         request_size = max(CLUSTER, request_size // CLUSTER * CLUSTER)
         chunks = _chunks(plan.data, request_size, size, CLUSTER)
+        batch_size = max(request_size, WRITE_BATCH)
         digests: list[DigestRun] = []
         stored = 0
         active_writer = writer
@@ -223,7 +226,7 @@ async def transfer_disk(
 
         async def worker(client: nbdclient.Client) -> None:
             nonlocal stored
-            buf = aligned_buffer(request_size)
+            buf = aligned_buffer(batch_size)
             if settings.compress:
                 for offset, length in chunks:
                     view = buf[:length]
@@ -231,7 +234,7 @@ async def transfer_disk(
                     stored += await _store_compressed(active_writer, view, offset, digests)
                     await _after(length)
                 return
-            for batch in _batches(chunks, request_size, CLUSTER):
+            for batch in _batches(chunks, batch_size, CLUSTER):
                 hosts = [active_writer.allocate(offset, length) for offset, length in batch]
                 base = hosts[0]
                 pieces = [(h - base, length) for h, (_, length) in zip(hosts, batch, strict=True)]
