@@ -240,10 +240,13 @@ async def transfer_disk(
                 pieces = [(h - base, length) for h, (_, length) in zip(hosts, batch, strict=True)]
                 if len(batch) == 1:
                     await client.pread_into(buf[: batch[0][1]], batch[0][0])
-                else:
-                    async with asyncio.TaskGroup() as reads:
-                        for (offset, length), (rel, _) in zip(batch, pieces, strict=True):
-                            reads.create_task(client.pread_into(buf[rel : rel + length], offset))
+                else:  # all requests of the batch in one write
+                    await client.pread_many(
+                        [
+                            (buf[rel : rel + length], offset)
+                            for (offset, length), (rel, _) in zip(batch, pieces, strict=True)
+                        ]
+                    )
                 span = pieces[-1][0] + pieces[-1][1]
                 kick = not use_direct and writeback_due(stored, span)
                 if not use_direct and span <= INLINE_STORE and not kick:

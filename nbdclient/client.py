@@ -145,6 +145,12 @@ async def query_export(
         return info
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a result nobody waits for any more (no "never retrieved" warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Client:
     """One connected NBD export.  Use as an async context manager, or call
     :meth:`disconnect` when done."""
@@ -251,6 +257,38 @@ class Client:
         if minimum > 1 and (offset % minimum or unaligned_end):
             raise ValueError(f"request [{offset}, +{length}) not aligned to {minimum} bytes")
 
+    def _register(
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        flags: int,
+        buf: memoryview | None = None,
+        req_one: bool = False,
+        payload_length: int | None = None,
+    ) -> tuple[Pending, bytes]:
+        """A pending entry for a new request, and the request header to send."""
+        conn = self._conn
+        if conn.closed_error is not None:
+            raise conn.closed_error
+        cookie = next(self._cookies)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending = Pending(cookie, command, offset, length, future, buf, req_one)
+        conn.pending[cookie] = pending
+        wire_length = length
+        if payload_length is not None and self.extended_headers:
+            flags |= CommandFlag.PAYLOAD_LEN
+            wire_length = payload_length
+        header = tx.encode_request(
+            command, flags, cookie, offset, wire_length, extended=self.extended_headers
+        )
+        return pending, header
+
+    def _timed_out(self, command: Command) -> NBDTimeoutError:
+        return NBDTimeoutError(
+            f"{command.name} request did not complete in {self.request_timeout:g} s"
+        )
+
     async def _request(
         self,
         command: Command,
@@ -263,19 +301,14 @@ class Client:
         req_one: bool = False,
     ) -> Any:
         conn = self._conn
-        if conn.closed_error is not None:
-            raise conn.closed_error
-        cookie = next(self._cookies)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        pending = Pending(cookie, command, offset, length, future, buf, req_one)
-        conn.pending[cookie] = pending
-        wire_length = length
-        if payload is not None and self.extended_headers:
-            flags |= CommandFlag.PAYLOAD_LEN
-            wire_length = len(payload)
-        header = tx.encode_request(
-            command, flags, cookie, offset, wire_length, extended=self.extended_headers
+        pending, header = self._register(
+            command,
+            offset,
+            length,
+            flags,
+            buf,
+            req_one,
+            None if payload is None else len(payload),
         )
         if payload is not None:
             conn.send(header, payload)
@@ -284,14 +317,12 @@ class Client:
             conn.send(header)
         try:
             if self.request_timeout is None:
-                return await future
+                return await pending.future
             async with asyncio.timeout(self.request_timeout):
-                return await future
+                return await pending.future
         except TimeoutError as exc:
             pending.buf = None
-            raise NBDTimeoutError(
-                f"{command.name} request did not complete in {self.request_timeout:g} s"
-            ) from exc
+            raise self._timed_out(command) from exc
         except asyncio.CancelledError:
             pending.buf = None  # the reply is still consumed, into nowhere
             raise
@@ -322,6 +353,44 @@ class Client:
                 for o, n in parts
             )
         )
+
+    async def pread_many(
+        self, reads: Sequence[tuple[bytearray | memoryview, int]], *, df: bool = False
+    ) -> None:
+        """Fill each ``(buf, offset)`` of ``reads``: every request goes out in one write
+        (one system call for many small reads) and the call returns once every reply is
+        in.  If any read failed, the first failure is raised after all have completed,
+        so no reply lands in a buffer later.  Each read is at most :attr:`max_request`."""
+        flags = CommandFlag.DF if df and self.can_df() else 0
+        views = []
+        for buf, offset in reads:
+            view = memoryview(buf).cast("B")
+            self._check(offset, len(view), payload=False)
+            if not 0 < len(view) <= self.max_request:
+                raise ValueError(f"read of {len(view)} bytes: pread_many takes 1..max_request")
+            views.append((view, offset))
+        pendings = []
+        headers = []
+        for view, offset in views:
+            pending, header = self._register(Command.READ, offset, len(view), flags, view)
+            pendings.append(pending)
+            headers.append(header)
+        self._conn.send(b"".join(headers))
+        futures = [p.future for p in pendings]
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await asyncio.wait(futures)
+        except BaseException as exc:
+            for pending in pendings:  # late replies are consumed, into nowhere
+                pending.buf = None
+                pending.future.add_done_callback(_consume)
+            if isinstance(exc, TimeoutError):
+                raise self._timed_out(Command.READ) from exc
+            raise
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
 
     async def pread(self, length: int, offset: int, *, df: bool = False) -> bytes:
         buf = bytearray(length)

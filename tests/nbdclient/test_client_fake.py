@@ -376,3 +376,34 @@ async def test_simple_replies_without_structured(sockdir: Path) -> None:
             assert b"".join(reads) == bytes(srv.data)
             with pytest.raises(nbdclient.UnsupportedError):
                 await c.block_status(512, 0)
+
+
+async def test_pread_many_waits_for_all_then_raises_first_error(sockdir: Path) -> None:
+    """One read fails first, a slow one completes later: the error is raised only after
+    the slow buffer is filled (no reply lands later), and the connection stays usable."""
+    order: list[int] = []
+
+    async def handler(session: Session, request: Request) -> None:
+        if request.offset == 8192:
+            await asyncio.sleep(0.05)  # the slowest reply comes after the failing one
+        if request.offset == 4096:
+            session.write(session.error_chunk(request.cookie, 5, "bad sector"))
+        else:
+            await default_handler(session, request)
+        order.append(request.offset)
+
+    async with server(sockdir, handler=handler) as srv:
+        srv.data[0:12288] = b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+        async with await nbdclient.connect(srv.uri) as c:
+            bufs = [bytearray(4096) for _ in range(3)]
+            await c.pread_many([(bufs[0], 0), (bufs[2], 8192)])
+            assert bufs[0] == b"a" * 4096 and bufs[2] == b"c" * 4096
+            assert len(srv.requests) == 2
+            bufs = [bytearray(4096) for _ in range(3)]
+            with pytest.raises(nbdclient.RequestError, match="bad sector"):
+                await c.pread_many([(bufs[0], 0), (bufs[1], 4096), (bufs[2], 8192)])
+            assert order[-1] == 8192  # the call returned only after the slow reply
+            assert bufs[0] == b"a" * 4096 and bufs[2] == b"c" * 4096
+            assert await c.pread(4, 8) == b"aaaa"
+            with pytest.raises(ValueError, match="outside the export"):
+                await c.pread_many([(bytearray(8), c.size - 4)])
