@@ -38,7 +38,7 @@ from backupd.qemu.guest_agent import GuestAgent
 from backupd.qemu.inventory import BITMAP_PREFIX, Disk, check_version, select_disks
 from backupd.qemu.qmp import QemuMonitor
 from backupd.repository import Repository, VMRepository
-from backupd.transfer import transfer_disk
+from backupd.transfer import run_pool, transfer_disk
 
 log = logging.getLogger("backupd")
 
@@ -246,6 +246,7 @@ async def _copy_all(
     progress_mode: str,
 ) -> list[DiskRecord]:
     bars: list[Progress] = []
+    pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
 
     async def one(export: DiskExport) -> DiskRecord:
         bar: Progress | None = None
@@ -273,6 +274,7 @@ async def _copy_all(
             request_timeout=max(vm.timeout, 5.0),
             progress=on_progress,
             on_total=on_total,
+            pool=pool,
         )
 
     try:

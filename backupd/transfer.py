@@ -147,6 +147,38 @@ def _batches(
         yield batch
 
 
+class BufferPool:
+    """Page-aligned buffers shared by every disk of a run, made on first use: memory is
+    bounded by the pool (``count * size``), not by disks times reads in flight."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._count = count
+        self._made = 0
+        self._free: asyncio.Queue[memoryview] = asyncio.Queue()
+
+    async def get(self) -> memoryview:
+        if self._free.empty() and self._made < self._count:
+            self._made += 1
+            return aligned_buffer(self.size)
+        return await self._free.get()
+
+    def put(self, buf: memoryview) -> None:
+        """Give a buffer back; only when no read or write can still touch it."""
+        self._free.put_nowait(buf)
+
+
+def buffer_size(settings: Transfer) -> int:
+    """Bytes per buffer: one read, or one batch of reads written at once."""
+    return max(settings.request_size // CLUSTER * CLUSTER, CLUSTER, WRITE_BATCH)
+
+
+def run_pool(settings: Transfer) -> BufferPool:
+    """The buffers of one run: one per read in flight of a disk, twice over for runs of
+    several disks (their copies share the host's disk and CPU anyway)."""
+    return BufferPool(buffer_size(settings), 2 * max(1, settings.requests))
+
+
 @dataclass
 class DiskCopy:
     """Counters of one disk's copy, updated as it runs."""
@@ -173,8 +205,10 @@ async def transfer_disk(
     on_total: Callable[[int], None] | None = None,
     timeout: float = 10.0,
     request_timeout: float = 300.0,
+    pool: BufferPool | None = None,
 ) -> DiskRecord:
-    """Copy one exported disk into a new qcow2 file at ``path``."""
+    """Copy one exported disk into a new qcow2 file at ``path``; ``pool`` gives the
+    buffers (shared by the disks of a run), else the disk gets its own."""
     contexts = ["base:allocation"] + ([dirty_context] if dirty_context else [])
     first = await nbdclient.connect(
         uri, meta_contexts=contexts, timeout=timeout, request_timeout=request_timeout
@@ -205,7 +239,8 @@ async def transfer_disk(
         request_size = min(settings.request_size, *(c.max_request for c in clients))
         request_size = max(CLUSTER, request_size // CLUSTER * CLUSTER)
         chunks = _chunks(plan.data, request_size, size, CLUSTER)
-        batch_size = max(request_size, WRITE_BATCH)
+        buffers = pool or run_pool(settings)
+        batch_size = min(buffers.size, max(request_size, WRITE_BATCH))
         digests: list[DigestRun] = []
         stored = 0
         active_writer = writer
@@ -226,15 +261,19 @@ async def transfer_disk(
 
         async def worker(client: nbdclient.Client) -> None:
             nonlocal stored
-            buf = aligned_buffer(batch_size)
             if settings.compress:
                 for offset, length in chunks:
+                    buf = await buffers.get()
                     view = buf[:length]
                     await client.pread_into(view, offset)
                     stored += await _store_compressed(active_writer, view, offset, digests)
+                    buffers.put(buf)
                     await _after(length)
                 return
             for batch in _batches(chunks, batch_size, CLUSTER):
+                # on an error the buffer is dropped, not given back: a read or write
+                # being abandoned may still touch it
+                buf = await buffers.get()
                 hosts = [active_writer.allocate(offset, length) for offset, length in batch]
                 base = hosts[0]
                 pieces = [(h - base, length) for h, (_, length) in zip(hosts, batch, strict=True)]
@@ -255,6 +294,7 @@ async def transfer_disk(
                     hashes = await asyncio.to_thread(store_batch, buf, span, base, pieces)
                     if kick:
                         start_writeback(active_writer.fd)
+                buffers.put(buf)
                 for (offset, length), h, digest in zip(batch, hosts, hashes, strict=True):
                     digests.append(DigestRun(h, length, offset, digest))
                 stored += sum(length for _, length in batch)

@@ -294,9 +294,11 @@ class Bench:
             )
             one: list[float] = []
             four: list[float] = []
+            rss = 0
             for _ in range(self.rounds):
-                took, _ = timed(backupd_cmd(together, "run", "--vm", "guest1", "--full"))
+                took, peak = timed(backupd_cmd(together, "run", "--vm", "guest1", "--full"))
                 one.append(took)
+                rss = max(rss, peak)
                 start = time.perf_counter()
                 for name in images:
                     timed(backupd_cmd(apart, "run", "--vm", f"part-{name}", "--full"))
@@ -306,6 +308,7 @@ class Bench:
             row("four 1 GiB disks (2 GiB data), one run", f"{med(one):6.2f} s")
             row("the same four disks one after another", f"{med(four):6.2f} s")
             row("speed-up of parallel disks (target >= 1.5)", f"{med(four) / med(one):.2f}x")
+            row("peak RSS, four disks in one run", f"{rss / 1024:.0f} MiB")
         finally:
             await vm.kill()
             for image in images.values():
