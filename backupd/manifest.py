@@ -40,6 +40,8 @@ class DiskRecord:
     compressed: bool = False
     digests: tuple[DigestRun, ...] = ()
     digest_algorithm: str = LEGACY
+    #: seconds from connecting to the export to the synced file (0 when not recorded)
+    copy_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class Manifest:
                 compressed=bool(disk.get("compressed", False)),
                 digests=digests,
                 digest_algorithm=algorithm,
+                copy_seconds=float(disk.get("copy_seconds", 0.0)),
             )
         if not disks:
             raise ValueError("no disks")

@@ -16,6 +16,7 @@ both without the GIL, while the event loop receives the next replies.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,7 @@ async def transfer_disk(
 ) -> DiskRecord:
     """Copy one exported disk into a new qcow2 file at ``path``; ``pool`` gives the
     buffers (shared by the disks of a run), else the disk gets its own."""
+    started = time.monotonic()
     contexts = ["base:allocation"] + ([dirty_context] if dirty_context else [])
     first = await nbdclient.connect(
         uri, meta_contexts=contexts, timeout=timeout, request_timeout=request_timeout
@@ -324,6 +326,7 @@ async def transfer_disk(
             compressed=settings.compress,
             digests=tuple(digests),
             digest_algorithm=ALGORITHM,
+            copy_seconds=round(time.monotonic() - started, 4),
         )
     except BaseException:
         if writer is not None:

@@ -38,6 +38,7 @@ def sample(algorithm: str = ALGORITHM) -> Manifest:
                 zero_extents=0,
                 digests=(DigestRun(65536, 65536, 0, hexdigest(data, algorithm)),),
                 digest_algorithm=algorithm,
+                copy_seconds=1.25,
             )
         },
     )
