@@ -21,7 +21,8 @@ import time
 _counts: dict[str, int] = {}
 
 
-def checkpoint(point: str) -> None:
+def checkpoint(point: str, hits: int = 1) -> None:
+    """Reach ``point`` (``hits`` times at once, e.g. the reads of one batch)."""
     wanted = os.environ.get("BACKUPD_FAULT")
     if not wanted:
         return
@@ -31,7 +32,7 @@ def checkpoint(point: str) -> None:
     name, _, nth = wanted.partition("@")
     if name != point:
         return
-    _counts[point] = _counts.get(point, 0) + 1
+    _counts[point] = _counts.get(point, 0) + hits
     if _counts[point] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -300,10 +300,10 @@ async def transfer_disk(
                 for (offset, length), h, digest in zip(batch, hosts, hashes, strict=True):
                     digests.append(DigestRun(h, length, offset, digest))
                 stored += sum(length for _, length in batch)
-                await _after(sum(length for _, length in batch))
+                await _after(sum(length for _, length in batch), len(batch))
 
-        async def _after(length: int) -> None:
-            checkpoint("mid-copy")
+        async def _after(length: int, reads: int = 1) -> None:
+            checkpoint("mid-copy", hits=reads)  # fault points count reads, not batches
             await hang_point("mid-copy")
             if progress is not None:
                 progress(length)
