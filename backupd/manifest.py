@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from backupd.digests import ALGORITHMS, LEGACY
 from backupd.errors import RepositoryError
@@ -14,8 +14,7 @@ FORMAT = 1
 KINDS = ("full", "incremental")
 
 
-@dataclass(frozen=True, slots=True)
-class DigestRun:
+class DigestRun(NamedTuple):
     """Digest (the disk record's algorithm) of ``length`` stored bytes at ``host_offset``
     in the backup file, holding the guest data (or compressed clusters) starting at
     ``guest_offset``."""
@@ -70,10 +69,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         for disk in data["disks"].values():
-            disk["digests"] = [
-                [d["host_offset"], d["length"], d["guest_offset"], d["digest"]]
-                for d in disk["digests"]
-            ]
+            disk["digests"] = [list(d) for d in disk["digests"]]
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -94,9 +90,14 @@ class Manifest:
             raise ValueError("incremental backup without a parent")
         disks = {}
         for name, disk in data["disks"].items():
-            digests = tuple(
-                DigestRun(int(h), int(n), int(g), str(s)) for h, n, g, s in disk["digests"]
-            )
+            rows = disk["digests"]
+            # a manifest can hold 100,000s of runs: check the types in bulk, build fast
+            if not all(
+                type(h) is int and type(n) is int and type(g) is int and type(s) is str
+                for h, n, g, s in rows
+            ):
+                raise ValueError("a digest run is not [host, length, guest, digest]")
+            digests = tuple(map(DigestRun._make, rows))
             algorithm = str(disk.get("digest_algorithm", LEGACY))
             if algorithm not in ALGORITHMS:
                 raise ValueError(f"unknown digest algorithm {algorithm!r}")

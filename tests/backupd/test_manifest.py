@@ -74,3 +74,13 @@ def test_unknown_algorithm_is_a_corrupt_manifest() -> None:
     data["disks"]["vda"]["digest_algorithm"] = "crc32"
     with pytest.raises(RepositoryError, match="unknown digest algorithm 'crc32'"):
         Manifest.from_json(json.dumps(data), "m")
+
+
+@pytest.mark.parametrize(
+    "row", [["65536", 65536, 0, "ab"], [65536, 65536, 0], [65536, True, 0, "ab"], "x"]
+)
+def test_bad_digest_row_is_a_corrupt_manifest(row: object) -> None:
+    data = json.loads(sample().to_json())
+    data["disks"]["vda"]["digests"].append(row)
+    with pytest.raises(RepositoryError, match="corrupt manifest m"):
+        Manifest.from_json(json.dumps(data), "m")
