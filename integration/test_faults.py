@@ -110,6 +110,14 @@ def lost_changes(
     return lost
 
 
+def lost_after(result: subprocess.CompletedProcess[str], repo: Path, tmp: Path, vm: QemuVM) -> int:
+    """1 when the run after a fault failed or its backup differs from the disk, else 0."""
+    if result.returncode != 0:
+        return 1
+    latest = read_image(backups(repo)[-1] / "vda.qcow2", tmp)
+    return 0 if first_difference(latest, vm.snapshot()["vda"]) is None else 1
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return tmp_path / "repo"
@@ -231,13 +239,7 @@ async def test_signal_mid_run(
         assert "interrupted" in err and "Traceback" not in err
         assert not left and not backups(repo) and thawed
         result = backupd(config, "run", "--vm", "guest1")
-        assert result.returncode == 0
-        assert (
-            first_difference(
-                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
-            )
-            is None
-        )
+        assert lost_after(result, repo, tmp_path, vm) == 0, result.stderr
     finally:
         server.close()
 
@@ -260,15 +262,7 @@ async def test_qemu_killed_mid_backup(
     await vm.start()
     result = backupd(config, "run", "--vm", "guest1")
     full = "kind=full" in result.stderr and "inconsistent" in result.stderr
-    lost = (
-        0
-        if result.returncode == 0
-        and first_difference(
-            read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
-        )
-        is None
-        else 1
-    )
+    lost = lost_after(result, repo, tmp_path, vm)
     record(
         "qemu killed mid-backup, restarted: full taken",
         failed=not (clean_failure and full),
@@ -319,15 +313,7 @@ async def test_repository_full_and_read_only(
     ro_ok = result_ro.returncode in (1, 2) and "Read-only file system" in result_ro.stderr
     subprocess.run(["mount", "-o", "remount,rw,size=64m", str(small_fs)], check=True)
     result = backupd(config, "run", "--vm", "guest1")
-    lost = 0
-    if (
-        result.returncode != 0
-        or first_difference(
-            read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
-        )
-        is not None
-    ):
-        lost = 1
+    lost = lost_after(result, repo, tmp_path, vm)
     older = first_difference(read_image(first / "vda.qcow2", tmp_path), first_model) is None
     record(
         "repository full, then read-only, then room again",
@@ -547,15 +533,7 @@ async def test_nbd_connection_cut_and_stalled_qemu(
             proc.returncode == 1 and "Traceback" not in err and len(backups(repo)) == committed
         )
         result = backupd(config, "run", "--vm", "guest1")
-        lost = (
-            0
-            if result.returncode == 0
-            and first_difference(
-                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
-            )
-            is None
-            else 1
-        )
+        lost = lost_after(result, repo, tmp_path, vm)
         record(
             f"NBD {'connection cut mid-copy' if case == 'cut' else 'server stalled'}: "
             "bounded failure, next run ok",
@@ -624,15 +602,7 @@ async def test_read_error_in_a_backup(
             and "Traceback" not in failed.stderr
         )
         result = backupd(config, "run", "--vm", "guest1")
-        lost = (
-            0
-            if result.returncode == 0
-            and first_difference(
-                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), machine.snapshot()["vda"]
-            )
-            is None
-            else 1
-        )
+        lost = lost_after(result, repo, tmp_path, machine)
         left = await leftovers(machine, repo, tmp_path / "scratch")
         record(
             "disk read error (blkdebug) under a backup: clean failure, next run ok",
@@ -687,15 +657,7 @@ async def test_scratch_area_full(
         )
         status = await vm.qmp.execute("query-status") if vm.qmp else {}
         result = backupd(config, "run", "--vm", "guest1")
-        lost = (
-            0
-            if result.returncode == 0
-            and first_difference(
-                read_image(backups(repo)[-1] / "vda.qcow2", tmp_path), vm.snapshot()["vda"]
-            )
-            is None
-            else 1
-        )
+        lost = lost_after(result, repo, tmp_path, vm)
         record(
             "scratch area full: guest writes all succeed, run fails cleanly, next run ok",
             failed=bool(guest_errors) or not clean or status.get("status") == "io-error",
