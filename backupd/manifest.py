@@ -4,7 +4,7 @@ the digests that let ``verify`` prove the stored bytes without the VM."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 from backupd.digests import ALGORITHMS, LEGACY
@@ -67,10 +67,24 @@ class Manifest:
         return sum(d.bytes_copied for d in self.disks.values())
 
     def to_json(self) -> str:
-        data = asdict(self)
-        for disk in data["disks"].values():
-            disk["digests"] = [list(d) for d in disk["digests"]]
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        """Indented JSON; each disk's digest runs one per line, encoded in one C-speed
+        call (a full backup can have 100,000s of them)."""
+        head: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        disks: dict[str, Any] = {}
+        runs: dict[str, str] = {}
+        for index, (name, disk) in enumerate(self.disks.items()):
+            record = {f.name: getattr(disk, f.name) for f in fields(disk)}
+            token = f"@digest-runs-{index}@"
+            record["digests"] = token
+            runs[f'"{token}"'] = json.dumps(disk.digests, separators=(",", ":")).replace(
+                "],[", "],\n  ["
+            )
+            disks[name] = record
+        head["disks"] = disks
+        text = json.dumps(head, indent=1, sort_keys=True)
+        for token, body in runs.items():
+            text = text.replace(token, body, 1)
+        return text + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
