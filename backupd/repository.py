@@ -91,6 +91,8 @@ class VMRepository:
         self.vm = check_name("VM", vm)
         self.root = root
         self.path = root / vm
+        # manifests already parsed, by id: (inode, size, mtime) of the file, manifest
+        self._loaded: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
 
     @property
     def lock_path(self) -> Path:
@@ -124,14 +126,23 @@ class VMRepository:
             raise NotFoundError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
         path = self.path / backup / MANIFEST
         try:
-            text = path.read_text()
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+                cached = self._loaded.get(backup)
+                if cached is not None and cached[0] == identity:
+                    return cached[1]  # parsed before and unchanged (a chain walk after latest)
+                text = f.read().decode()
         except FileNotFoundError:
             if (self.path / backup).is_dir():
                 raise RepositoryError(f"backup {backup} of vm {self.vm} has no manifest") from None
             raise NotFoundError(f"vm {self.vm} has no backup {backup}") from None
+        except UnicodeDecodeError as exc:
+            raise RepositoryError(f"corrupt manifest {path}: {exc}") from None
         manifest = Manifest.from_json(text, str(path))
         if manifest.id != backup or manifest.vm != self.vm:
             raise RepositoryError(f"manifest {path} belongs to {manifest.vm}/{manifest.id}")
+        self._loaded[backup] = (identity, manifest)
         return manifest
 
     def backups(self) -> list[Manifest]:
