@@ -4,13 +4,15 @@ The export is mapped with ``base:allocation`` (and the dirty-bitmap context for 
 incremental) and turned into cluster runs: *data* runs are read and stored, *zero* runs
 become qcow2 zero clusters (an incremental must hide older data), everything else is
 left out (a full does not store zeros; an incremental falls through to its backing
-file).  ``requests`` reads are in flight, spread over several connections when the
-export allows multi-conn.  Host space is allocated when a read is issued, in issue order,
-so consecutive reads fill consecutive host space: a worker takes a *batch* of reads up
-to ``request_size`` (many small extents, or one slice of a large one), receives them
-straight into one page-aligned buffer, and a thread writes the batch with one direct-I/O
-write (no page-cache copy; buffered where the filesystem refuses) and hashes each read,
-both without the GIL, while the event loop receives the next replies.
+file).  Reads are at most ``request_size`` (512 KiB by default: qemu serves that size
+best).  Host space is allocated when a read is issued, in issue order, so consecutive
+reads fill consecutive host space: each of ``requests`` workers takes a *batch* of reads
+up to :data:`WRITE_BATCH` (many small extents, or slices of a large one), sends them in
+one write over its connection (several with multi-conn), receives them straight into one
+page-aligned buffer from the run's :class:`BufferPool`, and a thread writes the batch
+with one direct-I/O write (no page-cache copy; buffered where the filesystem refuses)
+and hashes each read, both without the GIL, while the event loop receives the next
+replies.
 """
 
 from __future__ import annotations
@@ -178,14 +180,6 @@ def run_pool(settings: Transfer) -> BufferPool:
     """The buffers of one run: one per read in flight of a disk, twice over for runs of
     several disks (their copies share the host's disk and CPU anyway)."""
     return BufferPool(buffer_size(settings), 2 * max(1, settings.requests))
-
-
-@dataclass
-class DiskCopy:
-    """Counters of one disk's copy, updated as it runs."""
-
-    total: int = 0
-    copied: int = 0
 
 
 def _store(fd: int, data: memoryview, host: int) -> str:
