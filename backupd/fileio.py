@@ -5,8 +5,9 @@ writes that survive short writes), *direct I/O* (``O_DIRECT``: the bytes go from
 receive buffer to the disk, no page-cache copy, and a backup does not evict the VMs'
 cached data) and, for buffered files, early writeback (``sync_file_range``) so the final
 fsync has little left to do.  Direct I/O needs buffers, offsets and lengths aligned to
-:data:`DIRECT_ALIGN`; :func:`aligned_buffer` gives such buffers, and a filesystem that
-refuses ``O_DIRECT`` simply gets buffered writes.
+:data:`DIRECT_ALIGN`; :func:`aligned_buffer` gives such buffers.  :class:`DataFile` puts
+it together for backup and restore: direct where it can, buffered with early writeback
+where it cannot (an unaligned write, a filesystem that refuses ``O_DIRECT``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -63,18 +65,44 @@ def direct_ok(data: memoryview, offset: int) -> bool:
     return not (offset % DIRECT_ALIGN or len(data) % DIRECT_ALIGN)
 
 
-def write_direct(direct_fd: int, fd: int, data: memoryview, offset: int) -> bool:
-    """Write through ``direct_fd``; if the kernel refuses this write (EINVAL: an
-    alignment the filesystem will not take), write it buffered through ``fd`` and return
-    False so the caller stops trying."""
-    try:
-        pwrite_all(direct_fd, data, offset)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        pwrite_all(fd, data, offset)
-        return False
-    return True
+class DataFile:
+    """Positional writes of copied data into one open file, from any thread: through a
+    second, O_DIRECT descriptor when the filesystem takes it and the write is aligned,
+    else buffered through ``fd`` with writeback started every :data:`WRITEBACK_EVERY`
+    buffered bytes.  A direct write the kernel refuses (EINVAL) is written buffered, and
+    so is every later one.  ``fd`` stays the caller's; :meth:`close` closes only the
+    direct descriptor."""
+
+    def __init__(self, fd: int, path: Path, *, direct: bool = True) -> None:
+        self.fd = fd
+        self._direct_fd = open_direct(path) if direct else -1
+        self.direct = self._direct_fd >= 0
+        self._buffered = 0
+        self._lock = threading.Lock()
+
+    def writeback_due(self, length: int) -> bool:
+        """Whether a buffered write of ``length`` bytes now would start writeback."""
+        return not self.direct and writeback_due(self._buffered, length)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if self.direct and direct_ok(data, offset):
+            try:
+                pwrite_all(self._direct_fd, data, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        pwrite_all(self.fd, data, offset)
+        with self._lock:
+            kick = writeback_due(self._buffered, len(data))
+            self._buffered += len(data)
+        if kick:  # the disk writes while the copy goes on
+            start_writeback(self.fd)
+
+    def close(self) -> None:
+        close_quietly(self._direct_fd)
+        self._direct_fd = -1
 
 
 def close_quietly(fd: int) -> None:

@@ -16,15 +16,7 @@ from pathlib import Path
 
 import nbdclient
 from backupd.errors import BackupdError, UsageError
-from backupd.fileio import (
-    close_quietly,
-    direct_ok,
-    open_direct,
-    pwrite_all,
-    start_writeback,
-    write_direct,
-    writeback_due,
-)
+from backupd.fileio import DataFile, pwrite_all
 from backupd.qcow2 import Qcow2Writer
 from nbdclient.copy import DEFAULT_REQUEST_SIZE, copy_extents, map_source, zero_extents
 from nbdclient.extents import MappedExtent
@@ -76,28 +68,14 @@ async def restore_to_file(
         data = sum(e.length for e in extents if not e.zero)
         if fmt == "raw":
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            direct_fd = -1
+            out: DataFile | None = None
             try:
                 os.ftruncate(fd, size)
-                direct_fd = open_direct(partial)
-                use_direct = direct_fd >= 0
-                written = 0
-
-                def store(view: memoryview, offset: int, kick: bool) -> None:
-                    nonlocal use_direct
-                    if use_direct and direct_ok(view, offset):
-                        use_direct = write_direct(direct_fd, fd, view, offset)
-                        return
-                    pwrite_all(fd, view, offset)
-                    if kick:  # the disk writes while the copy goes on
-                        start_writeback(fd)
+                out = raw = DataFile(fd, partial)
 
                 async def write_raw(view: memoryview, offset: int) -> None:
-                    nonlocal written
-                    kick = writeback_due(written, len(view))
-                    written += len(view)
                     # in a thread: the event loop keeps receiving meanwhile
-                    await asyncio.to_thread(store, view, offset, kick)
+                    await asyncio.to_thread(raw.write, view, offset)
 
                 await copy_extents(
                     clients,
@@ -109,7 +87,8 @@ async def restore_to_file(
                 )
                 await asyncio.to_thread(os.fsync, fd)
             finally:
-                close_quietly(direct_fd)
+                if out is not None:
+                    out.close()
                 os.close(fd)
         elif fmt == "qcow2":
             # read whole clusters so every stored cluster is complete

@@ -27,16 +27,7 @@ import nbdclient
 from backupd.config import Transfer
 from backupd.digests import ALGORITHM, hexdigest
 from backupd.faults import checkpoint, hang_point
-from backupd.fileio import (
-    DIRECT_ALIGN,
-    aligned_buffer,
-    close_quietly,
-    open_direct,
-    pwrite_all,
-    start_writeback,
-    write_direct,
-    writeback_due,
-)
+from backupd.fileio import DIRECT_ALIGN, DataFile, aligned_buffer
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import Qcow2Writer
 from nbdclient.extents import MappedExtent, map_export
@@ -182,8 +173,8 @@ def run_pool(settings: Transfer) -> BufferPool:
     return BufferPool(buffer_size(settings), 2 * max(1, settings.requests))
 
 
-def _store(fd: int, data: memoryview, host: int) -> str:
-    pwrite_all(fd, data, host)
+def _store(file: DataFile, data: memoryview, host: int) -> str:
+    file.write(data, host)
     return hexdigest(data)
 
 
@@ -211,7 +202,7 @@ async def transfer_disk(
     )
     clients = [first]
     writer: Qcow2Writer | None = None
-    direct_fd = -1
+    data_file: DataFile | None = None
     try:
         size = first.size
         extents = await map_export(first, dirty_context=dirty_context)
@@ -228,8 +219,8 @@ async def transfer_disk(
             )
             clients.extend(more)
         writer = Qcow2Writer(path, size, cluster_size=CLUSTER, backing_file=backing_file).open()
-        direct_fd = -1 if settings.compress else open_direct(path)
-        use_direct = direct_fd >= 0
+        # compressed clusters are not aligned: buffered
+        data_file = out = DataFile(writer.fd, path, direct=not settings.compress)
         for start, end in plan.zero:
             writer.write_zeroes(start * CLUSTER, min(end * CLUSTER, size) - start * CLUSTER)
         request_size = min(settings.request_size, *(c.max_request for c in clients))
@@ -246,13 +237,12 @@ async def transfer_disk(
         ) -> list[str]:
             """Write ``buf[:span]`` at ``host`` (in a thread, or inline when small) and
             hash each read; ``pieces`` are (position in ``buf``, length) of the reads."""
-            nonlocal use_direct
-            if use_direct:
+            if out.direct:
                 padded = -(-span // DIRECT_ALIGN) * DIRECT_ALIGN
                 buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
-                use_direct = write_direct(direct_fd, active_writer.fd, buf[:padded], host)
+                out.write(buf[:padded], host)
             else:
-                pwrite_all(active_writer.fd, buf[:span], host)
+                out.write(buf[:span], host)
             return [hexdigest(buf[rel : rel + n]) for rel, n in pieces]
 
         async def worker(client: nbdclient.Client) -> None:
@@ -262,7 +252,7 @@ async def transfer_disk(
                     buf = await buffers.get()
                     view = buf[:length]
                     await client.pread_into(view, offset)
-                    stored += await _store_compressed(active_writer, view, offset, digests)
+                    stored += await _store_compressed(active_writer, out, view, offset, digests)
                     buffers.put(buf)
                     await _after(length)
                 return
@@ -283,13 +273,11 @@ async def transfer_disk(
                         ]
                     )
                 span = pieces[-1][0] + pieces[-1][1]
-                kick = not use_direct and writeback_due(stored, span)
-                if not use_direct and span <= INLINE_STORE and not kick:
-                    hashes = store_batch(buf, span, base, pieces)  # cheaper than a thread
+                # a small buffered write (that starts no writeback) is cheaper than a thread
+                if not out.direct and span <= INLINE_STORE and not out.writeback_due(span):
+                    hashes = store_batch(buf, span, base, pieces)
                 else:
                     hashes = await asyncio.to_thread(store_batch, buf, span, base, pieces)
-                    if kick:
-                        start_writeback(active_writer.fd)
                 buffers.put(buf)
                 for (offset, length), h, digest in zip(batch, hosts, hashes, strict=True):
                     digests.append(DigestRun(h, length, offset, digest))
@@ -327,12 +315,13 @@ async def transfer_disk(
             writer.abort()
         raise
     finally:
-        close_quietly(direct_fd)
+        if data_file is not None:
+            data_file.close()
         await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
 
 
 async def _store_compressed(
-    writer: Qcow2Writer, view: memoryview, offset: int, digests: list[DigestRun]
+    writer: Qcow2Writer, out: DataFile, view: memoryview, offset: int, digests: list[DigestRun]
 ) -> int:
     """Compress cluster by cluster in a thread; incompressible clusters are stored raw."""
     stored = 0
@@ -346,12 +335,12 @@ async def _store_compressed(
         packed = await asyncio.to_thread(writer.compress, whole)
         if packed is None:
             host = writer.allocate(guest, len(cluster))
-            digest = await asyncio.to_thread(_store, writer.fd, cluster, host)
+            digest = await asyncio.to_thread(_store, out, cluster, host)
             digests.append(DigestRun(host, len(cluster), guest, digest))
             stored += len(cluster)
         else:
             host = writer.place_compressed(guest, packed)
-            digest = await asyncio.to_thread(_store, writer.fd, memoryview(packed), host)
+            digest = await asyncio.to_thread(_store, out, memoryview(packed), host)
             digests.append(DigestRun(host, len(packed), guest, digest))
             stored += len(packed)
     return stored

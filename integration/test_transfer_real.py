@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import backupd.fileio as fileio
 import backupd.transfer as transfer
 from backupd.config import Transfer
 from backupd.digests import hexdigest
@@ -37,14 +38,14 @@ async def test_copy_matches_source(
     writes = [f"write -P {0x10 + i} {i * 3 * MiB + i * 65536} {n}" for i, n in enumerate(lengths)]
     qemu_io(source, *writes, "write -P 0xee 40M 1536")  # data up to the very end
     opened: list[int] = []
-    real_open = transfer.open_direct
+    real_open = fileio.open_direct
 
     def open_direct(path: Path) -> int:
         fd = real_open(path) if direct else -1
         opened.append(fd)
         return fd
 
-    monkeypatch.setattr(transfer, "open_direct", open_direct)
+    monkeypatch.setattr(fileio, "open_direct", open_direct)
     out = tmp_path / "out.qcow2"
     with qemu_nbd(source, sockdir / "s.sock") as uri:
         record = await transfer.transfer_disk(

@@ -1,4 +1,4 @@
-"""Direct I/O helpers: aligned buffers, the alignment rule, and the buffered fallback."""
+"""Direct I/O: aligned buffers, the alignment rule, and DataFile's buffered fallback."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.fileio import (
-    DIRECT_ALIGN,
-    aligned_buffer,
-    close_quietly,
-    direct_ok,
-    open_direct,
-    write_direct,
-)
+from backupd.fileio import DIRECT_ALIGN, DataFile, aligned_buffer, direct_ok
 
 
 def test_aligned_buffer_is_page_aligned_and_zeroed() -> None:
@@ -36,18 +29,24 @@ def test_direct_ok() -> None:
 def test_refused_direct_write_falls_back_to_buffered(tmp_path: Path) -> None:
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    direct = open_direct(path)
+    out = DataFile(fd, path)
     try:
+        if not out.direct:
+            pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
         data = aligned_buffer(DIRECT_ALIGN)
         data[:] = b"\xab" * DIRECT_ALIGN
-        if direct < 0:
-            pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
-        assert write_direct(direct, fd, data, 2 * DIRECT_ALIGN)  # aligned: taken
-        # an offset of 1 is refused by every filesystem that does direct I/O
-        assert not write_direct(direct, fd, data[:100], 1)
+        out.write(data, 2 * DIRECT_ALIGN)  # aligned: taken
+        assert out.direct
+        # offset and length aligned, the buffer's address not: the kernel refuses it
+        odd = memoryview(bytearray(DIRECT_ALIGN + 1))[1:]
+        odd[:] = b"\xcd" * DIRECT_ALIGN
+        out.write(odd, 4 * DIRECT_ALIGN)
+        assert not out.direct  # buffered from now on
+        out.write(data[:100], 1)  # an unaligned offset never tries direct I/O
         content = path.read_bytes()
         assert content[1:101] == b"\xab" * 100
         assert content[2 * DIRECT_ALIGN : 3 * DIRECT_ALIGN] == b"\xab" * DIRECT_ALIGN
+        assert content[4 * DIRECT_ALIGN : 5 * DIRECT_ALIGN] == b"\xcd" * DIRECT_ALIGN
     finally:
-        close_quietly(direct)
+        out.close()
         os.close(fd)
