@@ -3,9 +3,10 @@ model of its disks, a configuration file, and a runner for the ``backupd`` CLI."
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,26 @@ def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
+    """``backupd serve --vm VM WHERE...`` in the background: yields the URI it prints,
+    then stops it with SIGTERM and checks that it exited with 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "-c", str(config), "serve", "--vm", vm, *where],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        code = proc.wait(10)
+        assert proc.stderr is not None
+        assert code == 0, proc.stderr.read()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

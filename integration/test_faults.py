@@ -22,7 +22,12 @@ from backupd.backup import RunHooks, run_backup
 from backupd.config import load_config
 from integration.conftest import MiB, backupd
 from integration.faults_table import record
-from integration.harness.chain import first_difference, qemu_img_check, read_image
+from integration.harness.chain import (
+    first_difference,
+    make_qcow2,
+    qemu_img_check,
+    read_image,
+)
 from integration.harness.vm import QemuVM
 
 POINTS = [
@@ -553,12 +558,7 @@ async def test_read_error_in_a_backup(
     fails cleanly, commits nothing, and the next run takes everything.  (qemu 7.2 drops
     the NBD client when a read fails while it sends a structured reply.)"""
     image = tmp_path / "vda.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x91 0 8M", str(image)],
-        check=True,
-        capture_output=True,
-    )
+    make_qcow2(image, "32M", "write -P 0x91 0 8M")
     extents = json.loads(
         subprocess.run(
             ["qemu-img", "map", "--output=json", str(image)],

@@ -14,16 +14,10 @@ import pytest
 import nbdclient
 from nbdclient.extents import map_export
 
+from .harness.chain import make_qcow2, qemu_img_check, qemu_img_compare, qemu_io
 from .harness.servers import make_certificates, nbd_server, nbdkit, qemu_nbd
 
 MiB = 1 << 20
-
-
-def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    subprocess.run([*args, str(image)], check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -31,8 +25,7 @@ def image(tmp_path: Path) -> Path:
     """A 64 MiB qcow2: data at 1-3 MiB (0xab) and 40 MiB (0xcd), explicit zeros at 8 MiB,
     and a dirty bitmap b1 covering only the write at 40 MiB."""
     path = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    qemu_io(path, "write -P 0xab 1M 2M", "write -z 8M 1M")
+    make_qcow2(path, "64M", "write -P 0xab 1M 2M", "write -z 8M 1M")
     subprocess.run(["qemu-img", "bitmap", "--add", str(path), "b1"], check=True)
     qemu_io(path, "write -P 0xcd 40M 64k")
     return path
@@ -72,7 +65,7 @@ async def test_qemu_nbd_read_and_block_status(image: Path, sockdir: Path) -> Non
 
 async def test_qemu_nbd_writes(tmp_path: Path, sockdir: Path) -> None:
     path = tmp_path / "w.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    make_qcow2(path, "16M")
     with qemu_nbd(path, sockdir / "w.sock", read_only=False) as uri:
         async with await nbdclient.connect(uri, meta_contexts=["base:allocation"]) as c:
             assert c.can_zero() and c.can_trim() and c.can_fast_zero()
@@ -85,8 +78,7 @@ async def test_qemu_nbd_writes(tmp_path: Path, sockdir: Path) -> None:
             assert await c.pread(4, 2 * MiB) == bytes(4)
             with pytest.raises(ValueError, match="outside the export"):
                 await c.pread(512, 16 * MiB - 256)  # refused before it reaches the wire
-    out = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout
+    qemu_img_check(path)
 
 
 async def test_qemu_nbd_unknown_export(image: Path, sockdir: Path) -> None:
@@ -197,19 +189,14 @@ def test_cli_against_nbdinfo_and_nbdcopy(image: Path, sockdir: Path, tmp_path: P
 
 def test_cli_copy_into_nbd_target(image: Path, sockdir: Path, tmp_path: Path) -> None:
     target = tmp_path / "target.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "64M"], check=True)
-    qemu_io(target, "write -P 0x77 8M 1M")  # stale data that must be zeroed
+    make_qcow2(target, "64M", "write -P 0x77 8M 1M")  # stale data that must be zeroed
     with (
         qemu_nbd(image, sockdir / "s.sock") as src,
         qemu_nbd(target, sockdir / "d.sock", read_only=False) as dst,
     ):
         result = run_cli("copy", src, dst)
         assert result.returncode == 0, result.stderr
-    cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), str(target)],
-        capture_output=True,
-        text=True,
-    )
+    cmp = qemu_img_compare(image, target)
     assert cmp.returncode == 0, cmp.stdout
 
 
@@ -240,8 +227,7 @@ async def test_nbd_server_reference(tmp_path: Path) -> None:
 
 async def test_allocation_depth_and_map_text(tmp_path: Path, sockdir: Path) -> None:
     base = tmp_path / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
-    qemu_io(base, "write -P 1 0 1M")
+    make_qcow2(base, "4M", "write -P 1 0 1M")
     top = tmp_path / "top.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import pytest
 import yaml
 
 import nbdclient
-from integration.conftest import MiB, backupd
+from integration.conftest import MiB, backupd, serving
+from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
 
@@ -74,13 +74,9 @@ async def test_every_point_restores_exactly(
         qcow = tmp_path / f"{folder.name}.qcow2"
         result = restore(config, qcow, folder.name, "qcow2")
         assert result.returncode == 0, result.stderr
-        cmp = subprocess.run(
-            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(model)],
-            capture_output=True,
-            text=True,
-        )
+        cmp = qemu_img_compare(qcow, model, fmt_b="raw")
         assert cmp.returncode == 0, cmp.stdout
-        assert subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True).returncode == 0
+        qemu_img_check(qcow)
     again = restore(config, tmp_path / f"{found[0].name}.raw", found[0].name)
     assert again.returncode == 2 and "--force" in again.stderr
     assert (
@@ -120,26 +116,7 @@ async def test_serve_for_nbdinfo_qemu_img_and_qemu(
     config = config_for(vm)
     points = await make_chain(vm, config, rounds=2)
     sock = sockdir / "serve.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backupd",
-            "-c",
-            str(config),
-            "serve",
-            "--vm",
-            "guest1",
-            "--socket",
-            str(sock),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        uri = proc.stdout.readline().strip()
+    with serving(config, "--socket", str(sock)) as uri:
         assert uri == f"nbd+unix:///vda?socket={sock}"
         mapped = json.loads(
             subprocess.run(
@@ -169,11 +146,6 @@ async def test_serve_for_nbdinfo_qemu_img_and_qemu(
             assert "failed" not in output
         finally:
             await reader.kill()
-    finally:
-        proc.terminate()
-        code = proc.wait(10)
-        assert proc.stderr is not None
-        assert code == 0, proc.stderr.read()
     assert not sock.exists()
 
 
@@ -183,25 +155,16 @@ async def test_restore_into_nbd_target(
     config = config_for(vm)
     points = await make_chain(vm, config, rounds=2)
     target = tmp_path / "new.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "32M"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 0 32M", str(target)],
-        check=True,
-        capture_output=True,
-    )  # stale data must vanish
+    make_qcow2(target, "32M", "write -P 0x99 0 32M")  # stale data must vanish
     with qemu_nbd(target, sockdir / "t.sock", read_only=False, export="vda") as uri:
         result = backupd(config, "restore", "--vm", "guest1", "--disk", "vda", "--to", uri)
         assert result.returncode == 0, result.stderr
     model = tmp_path / "model.raw"
     model.write_bytes(points[-1])
-    cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(target), str(model)],
-        capture_output=True,
-        text=True,
-    )
+    cmp = qemu_img_compare(target, model, fmt_b="raw")
     assert cmp.returncode == 0, cmp.stdout
     small = tmp_path / "small.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "16M"], check=True)
+    make_qcow2(small, "16M")
     with qemu_nbd(small, sockdir / "s.sock", read_only=False) as uri:
         result = backupd(config, "restore", "--vm", "guest1", "--disk", "vda", "--to", uri)
     assert result.returncode == 1 and "smaller than the disk" in result.stderr
@@ -330,28 +293,7 @@ async def test_serve_over_tcp_needs_tls(
     assert refused.returncode == 2 and "--tls-dir" in refused.stderr
     certs = make_certificates(tmp_path / "pki")
     port = free_port()
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backupd",
-            "-c",
-            str(config),
-            "serve",
-            "--vm",
-            "guest1",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--tls-dir",
-            str(certs),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert serve.stdout is not None
-        uri = serve.stdout.readline().strip()
+    with serving(config, "--listen", f"127.0.0.1:{port}", "--tls-dir", str(certs)) as uri:
         assert uri == f"nbds://127.0.0.1:{port}/vda"
         with pytest.raises(nbdclient.NegotiationError):  # no plaintext
             await nbdclient.connect(f"nbd://127.0.0.1:{port}/vda")
@@ -359,6 +301,3 @@ async def test_serve_over_tcp_needs_tls(
             assert client.tls
             data = await client.pread(client.size, 0)
         assert data == points[-1]
-    finally:
-        serve.terminate()
-        assert serve.wait(10) == 0

@@ -5,7 +5,6 @@ disk size whose last cluster is partly past the end."""
 from __future__ import annotations
 
 import itertools
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,11 @@ import backupd.fileio as fileio
 import backupd.transfer as transfer
 from backupd.config import Transfer
 from backupd.digests import hexdigest
+from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 
 MiB = 1 << 20
 SIZE = 40 * MiB + 3 * 512  # the last cluster holds 1536 bytes of disk
-
-
-def qemu_io(image: Path, *commands: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for command in commands:
-        args += ["-c", command]
-    subprocess.run([*args, str(image)], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "buffered"])
@@ -33,10 +26,9 @@ async def test_copy_matches_source(
     tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, request_size: int
 ) -> None:
     source = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), str(SIZE)], check=True)
     lengths = [64 << 10 << (i % 5) for i in range(12)]  # 64 KiB .. 1 MiB
     writes = [f"write -P {0x10 + i} {i * 3 * MiB + i * 65536} {n}" for i, n in enumerate(lengths)]
-    qemu_io(source, *writes, "write -P 0xee 40M 1536")  # data up to the very end
+    make_qcow2(source, SIZE, *writes, "write -P 0xee 40M 1536")  # data up to the very end
     opened: list[int] = []
     real_open = fileio.open_direct
 
@@ -60,13 +52,8 @@ async def test_copy_matches_source(
     if direct and opened[0] < 0:
         pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
     assert (opened[0] >= 0) == direct
-    check = subprocess.run(["qemu-img", "check", str(out)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(source), str(out)],
-        capture_output=True,
-        text=True,
-    )
+    qemu_img_check(out)
+    cmp = qemu_img_compare(source, out)
     assert cmp.returncode == 0, cmp.stdout
     # every digest matches the stored bytes, and the runs cover the data exactly once
     data = out.read_bytes()

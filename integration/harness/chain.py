@@ -1,10 +1,38 @@
-"""Checks of a backup chain against the model: read a point in time back with qemu-img."""
+"""Disk images for tests, made and checked with qemu's own tools (qemu-img, qemu-io), and
+reading a point of a backup chain back to compare it with the model."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
+
+
+def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
+    """Run qemu-io commands (``write -P 0xab 1M 2M``, ...) on an image not in use."""
+    args = ["qemu-io", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+def make_qcow2(path: Path, size: int | str, *writes: str) -> Path:
+    """A new qcow2 of ``size`` (bytes, or like ``32M``), with qemu-io ``writes`` done."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    if writes:
+        qemu_io(path, *writes)
+    return path
+
+
+def qemu_img_compare(
+    a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2"
+) -> subprocess.CompletedProcess[str]:
+    """``qemu-img compare``: exit 0 when the guest-visible contents are equal."""
+    return subprocess.run(
+        ["qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def qemu_img_check(path: Path) -> None:
