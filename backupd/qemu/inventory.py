@@ -86,8 +86,24 @@ async def named_nodes(monitor: QemuMonitor) -> list[dict[str, Any]]:
     return nodes
 
 
-async def query_disks(monitor: QemuMonitor) -> list[Disk]:
-    """Every guest disk (device id, format node, size, bitmaps)."""
+def _disk(name: str, info: dict[str, Any], node: dict[str, Any], device: str | None) -> Disk:
+    """A Disk from a BlockDeviceInfo (``query-block``'s ``inserted`` or a named node) and
+    the node's entry in ``query-named-block-nodes`` (for its bitmaps)."""
+    return Disk(
+        name=name,
+        node=info["node-name"],
+        driver=info.get("drv", ""),
+        filename=info.get("file", ""),
+        size=int(info.get("image", {}).get("virtual-size", 0)),
+        read_only=bool(info.get("ro", False)),
+        device=device,
+        bitmaps=_bitmaps(node),
+    )
+
+
+async def _query(monitor: QemuMonitor) -> tuple[list[Disk], dict[str, dict[str, Any]]]:
+    """Every guest disk (device id, format node, size, bitmaps), and every named node
+    by name."""
     nodes = {n["node-name"]: n for n in await named_nodes(monitor)}
     blocks: list[dict[str, Any]] = await monitor.execute("query-block")
     disks = []
@@ -96,48 +112,25 @@ async def query_disks(monitor: QemuMonitor) -> list[Disk]:
         if not inserted:
             continue
         name = _device_id(block.get("qdev", "")) or block.get("device") or inserted["node-name"]
-        node_name = inserted["node-name"]
-        node = nodes.get(node_name, inserted)
-        disks.append(
-            Disk(
-                name=name,
-                node=node_name,
-                driver=inserted.get("drv", ""),
-                filename=inserted.get("file", ""),
-                size=int(inserted.get("image", {}).get("virtual-size", 0)),
-                read_only=bool(inserted.get("ro", False)),
-                device=block.get("qdev") or None,
-                bitmaps=_bitmaps(node),
-            )
-        )
-    return disks
+        node = nodes.get(inserted["node-name"], inserted)
+        disks.append(_disk(name, inserted, node, block.get("qdev") or None))
+    return disks, nodes
 
 
 async def select_disks(monitor: QemuMonitor, wanted: Sequence[str] | None) -> list[Disk]:
     """The configured disks, or every writable disk with a guest device."""
-    disks = await query_disks(monitor)
+    disks, nodes = await _query(monitor)
     if wanted is None:
         chosen = [d for d in disks if not d.read_only and d.device]
         if not chosen:
             raise ConfigError("the VM has no writable disk with a guest device to back up")
         return sorted(chosen, key=lambda d: d.name)
     by_name = {d.name: d for d in disks}
-    nodes = {n["node-name"]: n for n in await named_nodes(monitor)}
     chosen = []
     for name in wanted:
         disk = by_name.get(name)
         if disk is None and name in nodes:
-            node = nodes[name]
-            disk = Disk(
-                name=name,
-                node=name,
-                driver=node.get("drv", ""),
-                filename=node.get("file", ""),
-                size=int(node.get("image", {}).get("virtual-size", 0)),
-                read_only=bool(node.get("ro", False)),
-                device=None,
-                bitmaps=_bitmaps(node),
-            )
+            disk = _disk(name, nodes[name], nodes[name], None)
         if disk is None:
             known = ", ".join(sorted(by_name)) or "none"
             raise ConfigError(f"the VM has no disk {name!r} (guest disks: {known})")
