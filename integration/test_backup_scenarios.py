@@ -283,3 +283,24 @@ async def test_cli_errors(vm: QemuVM, config_for: Callable[..., Path], tmp_path:
     disk = config_for(vm, disks=["vdz"])
     check(backupd(disk, "run", "--vm", "guest1"), 2, "no disk 'vdz'")
     assert not backups(tmp_path / "repo")
+
+
+async def test_disk_chosen_by_node_name(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A disk named by its block node (no guest device found under that name) is backed
+    up through that node with the method that needs no device, then incrementally;
+    and a snapshot-access request is refused with the reason (a configuration error)."""
+    config = config_for(vm, disks=["drive-vda"])
+    await vm.write("vda", MiB, 2 * MiB, 0x5A)
+    result = backupd(config, "run", "--vm", "guest1")
+    assert result.returncode == 0, result.stderr
+    await vm.write("vda", 8 * MiB, 65536, 0x5B)
+    result = backupd(config, "run", "--vm", "guest1")
+    assert result.returncode == 0 and "kind=incremental" in result.stderr, result.stderr
+    found = backups(tmp_path / "repo")
+    assert [p.name for p in (found[-1]).glob("*.qcow2")] == ["drive-vda.qcow2"]
+    assert_point(found[-1], "drive-vda", vm.snapshot()["vda"], tmp_path)
+    forced = config_for(vm, disks=["drive-vda"], fleecing="snapshot-access")
+    refused = backupd(forced, "run", "--vm", "guest1")
+    assert refused.returncode == 2 and "drive-vda has none" in refused.stderr, refused.stderr
