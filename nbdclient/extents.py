@@ -69,31 +69,19 @@ def merge_extents(
     Both lists must be contiguous and start at the same offset; the result covers
     the shorter of the two.  Adjacent ranges with the same state are coalesced.
     """
-    result: list[MappedExtent] = []
     if not allocation or (dirty is not None and not dirty):
-        return result
-    if dirty is not None and allocation[0].offset != dirty[0].offset:
+        return []
+    start = allocation[0].offset
+    if dirty is None:  # everything dirty: one dirty extent over the whole span
+        last = allocation[-1]
+        dirty = [Extent(start, last.offset + last.length - start, STATE_DIRTY)]
+    elif dirty[0].offset != start:
         raise ValueError("allocation and dirty extents start at different offsets")
     # the run being built: [run_start, position) with one state; a MappedExtent is made
     # only when the state changes (a map of 10,000 extents costs milliseconds)
-    run_start = position = allocation[0].offset
+    result: list[MappedExtent] = []
+    run_start = position = start
     state: tuple[bool, bool, bool] | None = None
-    mask = STATE_ZERO | STATE_HOLE
-
-    def flush() -> None:
-        if state is not None and position > run_start:
-            result.append(MappedExtent(run_start, position - run_start, *state))
-
-    if dirty is None:
-        for ext in allocation:
-            flags = ext.flags & mask
-            new = (bool(flags & STATE_ZERO), bool(flags & STATE_HOLE), True)
-            if new != state:
-                flush()
-                state, run_start = new, position
-            position = ext.offset + ext.length
-        flush()
-        return result
     i = j = 0
     count_a, count_d = len(allocation), len(dirty)
     while i < count_a and j < count_d:
@@ -102,14 +90,16 @@ def merge_extents(
         end = a_end if a_end < d_end else d_end
         new = (bool(a.flags & STATE_ZERO), bool(a.flags & STATE_HOLE), bool(d.flags & STATE_DIRTY))
         if new != state:
-            flush()
+            if state is not None:
+                result.append(MappedExtent(run_start, position - run_start, *state))
             state, run_start = new, position
         position = end
         if a_end == end:
             i += 1
         if d_end == end:
             j += 1
-    flush()
+    if state is not None:
+        result.append(MappedExtent(run_start, position - run_start, *state))
     return result
 
 
