@@ -263,15 +263,12 @@ async def transfer_disk(
                 hosts = [active_writer.allocate(offset, length) for offset, length in batch]
                 base = hosts[0]
                 pieces = [(h - base, length) for h, (_, length) in zip(hosts, batch, strict=True)]
-                if len(batch) == 1:
-                    await client.pread_into(buf[: batch[0][1]], batch[0][0])
-                else:  # all requests of the batch in one write
-                    await client.pread_many(
-                        [
-                            (buf[rel : rel + length], offset)
-                            for (offset, length), (rel, _) in zip(batch, pieces, strict=True)
-                        ]
-                    )
+                await client.pread_many(  # all requests of the batch in one write
+                    [
+                        (buf[rel : rel + length], offset)
+                        for (offset, length), (rel, _) in zip(batch, pieces, strict=True)
+                    ]
+                )
                 span = pieces[-1][0] + pieces[-1][1]
                 # a small buffered write (that starts no writeback) is cheaper than a thread
                 if not out.direct and span <= INLINE_STORE and not out.writeback_due(span):
@@ -281,8 +278,9 @@ async def transfer_disk(
                 buffers.put(buf)
                 for (offset, length), h, digest in zip(batch, hosts, hashes, strict=True):
                     digests.append(DigestRun(h, length, offset, digest))
-                stored += sum(length for _, length in batch)
-                await _after(sum(length for _, length in batch), len(batch))
+                read = sum(length for _, length in batch)
+                stored += read
+                await _after(read, len(batch))
 
         async def _after(length: int, reads: int = 1) -> None:
             checkpoint("mid-copy", hits=reads)  # fault points count reads, not batches
