@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from integration.harness.runs import argv
 from integration.harness.vm import QemuVM
 from tests.conftest import sockdir
 
@@ -56,7 +56,7 @@ def config_for(tmp_path: Path) -> Callable[..., Path]:
 
 def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backupd", "-c", str(config), *args],
+        argv(config, *args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -68,7 +68,7 @@ def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
     """``backupd serve --vm VM WHERE...`` in the background: yields the URI it prints,
     then stops it with SIGTERM and checks that it exited with 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backupd", "-c", str(config), "serve", "--vm", vm, *where],
+        argv(config, "serve", "--vm", vm, *where),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
