@@ -166,3 +166,20 @@ async def test_status_as_a_monitoring_user_says_where_to_look(
     assert result.returncode == 1, result.stderr
     assert "permission denied" in result.stderr and "metrics_file" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_scratch_folder_that_is_not_ours_alone_is_refused(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "scratch").mkdir(mode=0o700)
+    (tmp_path / "scratch" / "guest1").symlink_to(elsewhere)  # planted by someone else
+    result = backupd(config_for(vm), "run", "--vm", "guest1")
+    assert result.returncode == 2, result.stderr
+    assert "scratch_dir" in result.stderr and "symlink" in result.stderr
+    assert not list(elsewhere.iterdir()) and not backups(tmp_path / "repo")
+    (tmp_path / "scratch" / "guest1").unlink()
+    result = backupd(config_for(vm), "run", "--vm", "guest1")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "scratch" / "guest1").stat().st_mode & 0o777 == 0o700
