@@ -83,6 +83,38 @@ def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
         assert code == 0, proc.stderr.read()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here needs the real qemu tools; the fault suite's tests are its rows."""
+    for item in items:
+        if "/integration/" in str(item.path):
+            item.add_marker(pytest.mark.qemu)
+            if item.path.name == "test_faults.py":
+                item.add_marker(pytest.mark.fault)
+
+
+@pytest.fixture(autouse=True)
+def _fault_rows(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Rows recorded by a test belong to it (see integration/faults_table.py)."""
+    from integration import faults_table
+
+    faults_table.current_test = request.node.nodeid
+    yield
+    faults_table.current_test = ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and item.nodeid:
+        from integration import faults_table
+
+        if any(row for row in faults_table.ROWS.values() if item.nodeid in row.tests) or (
+            item.get_closest_marker("fault") is not None
+        ):
+            faults_table.test_failed(item.nodeid, item.name)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from integration.faults_table import table
 

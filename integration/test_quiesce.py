@@ -25,8 +25,6 @@ from integration.harness.chain import backups
 from integration.harness.runs import argv, backupd_async, leftovers, lost_after, until_backupd_runs
 from integration.harness.vm import QemuVM
 
-pytestmark = pytest.mark.qemu
-
 NOISE = ("Traceback", "Task was destroyed", "Exception ignored", "never retrieved")
 
 
