@@ -324,9 +324,7 @@ async def test_soak(
             is not None
         ):
             lost += 1
-    record(
-        "soak: 50 incrementals, writes between and during (every 10th restored)", lost=lost
-    )
+    record("soak: 50 incrementals, writes between and during (every 10th restored)", lost=lost)
     assert lost == 0
     kinds = [json.loads((repo / "guest1" / b / "manifest.json").read_text())["kind"] for b in ids]
     assert kinds.count("full") == 4  # max_chain 14: a new full every 15 runs
