@@ -22,10 +22,23 @@ from nbdclient.constants import (
 from nbdclient.errors import NegotiationError, RemoteProtocolError
 from nbdclient.values import BlockSize, Extent
 
+#: The protocol core: bytes in, values and events out.  Only the asyncio layer
+#: (_negotiate, _connection, client) may touch sockets, TLS or the event loop.
+CORE = (
+    "_handshake.py",
+    "_transmission.py",
+    "_replies.py",
+    "_request.py",
+    "_events.py",
+    "constants.py",
+    "values.py",
+    "errors.py",
+)
+
 
 def test_core_modules_do_no_io() -> None:
     root = Path(__file__).resolve().parents[2] / "nbdclient"
-    for name in ("_handshake.py", "_transmission.py", "constants.py", "values.py", "errors.py"):
+    for name in CORE:
         tree = ast.parse((root / name).read_text())
         imported = {
             alias.name.split(".")[0]
@@ -38,6 +51,14 @@ def test_core_modules_do_no_io() -> None:
             if isinstance(node, ast.ImportFrom) and node.level == 0
         }
         assert not imported & {"asyncio", "socket", "ssl", "selectors"}, name
+        relative = {
+            node.module or alias.name  # "from .x import y" or "from . import x"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+            for alias in node.names
+        }
+        # the core imports only the core
+        assert relative <= {name.removesuffix(".py") for name in CORE}, (name, relative)
 
 
 def test_greeting_newstyle_and_oldstyle() -> None:
