@@ -169,6 +169,7 @@ class Client:
         minimum = self.block_size.minimum
         self.max_request = max(minimum, maximum - maximum % minimum)
         self._runstate = Runstate.READY
+        self._closed = asyncio.Event()
         self._writer = negotiated.writer
         replies = Replies(
             structured=self.structured_replies,
@@ -475,9 +476,7 @@ class Client:
         a second call waits for the first."""
         conn = self._conn
         if self._runstate is not Runstate.READY:
-            if self._runstate is Runstate.DISCONNECTING:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(conn.lost), 2.0)
+            await self._closed.wait()
             return
         self._runstate = Runstate.DISCONNECTING
         try:
@@ -491,3 +490,4 @@ class Client:
             # requests still waiting (none, unless disconnect raced them) fail now
             conn.close(ConnectionLostError("NBD client disconnected"))
             self._runstate = Runstate.CLOSED
+            self._closed.set()
