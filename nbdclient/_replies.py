@@ -65,6 +65,7 @@ _DATA: Final = ReplyState.DATA
 _DISCARD: Final = ReplyState.DISCARD
 _DEAD: Final = ReplyState.DEAD
 _NO_EVENTS: Final[Sequence[Event]] = ()
+_DONE: Final = int(ReplyFlag.DONE)  # a plain int: IntFlag's & costs a call per chunk
 
 
 class Replies:
@@ -330,7 +331,7 @@ class Replies:
         if kind == ReplyType.NONE:
             if payload:
                 raise RemoteProtocolError("NONE chunk with a payload")
-            if not header.flags & ReplyFlag.DONE:
+            if not header.flags & _DONE:
                 raise RemoteProtocolError("NONE chunk without the DONE flag")
         elif kind == ReplyType.OFFSET_HOLE:
             if request.command != Command.READ:
@@ -376,7 +377,7 @@ class Replies:
         self._current = None
         if request is None or header is None:
             return
-        if header.simple or header.flags & ReplyFlag.DONE:
+        if header.simple or header.flags & _DONE:
             self._finish(request)
 
     def _finish(self, request: Request) -> None:

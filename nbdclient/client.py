@@ -350,6 +350,8 @@ class Client:
             if not 0 < len(view) <= self.max_request:
                 raise ValueError(f"read of {len(view)} bytes: pread_many takes 1..max_request")
             views.append((view, offset))
+        if not views:
+            return
         conn = self._conn
         cookies = []
         headers = []
