@@ -39,25 +39,26 @@ def available() -> bool:
 
 
 def _as_ssl_error(exc: SSL.Error) -> ssl.SSLError:
-    """An :mod:`ssl` exception for a pyOpenSSL one, as asyncio's TLS layer expects."""
-    error: ssl.SSLError
+    """An :mod:`ssl` exception for a pyOpenSSL one, as asyncio's TLS layer expects
+    (with ``reason`` set, as the ``ssl`` module's own exceptions have it)."""
+    kind: type[ssl.SSLError]
     if isinstance(exc, SSL.WantReadError):
-        error = ssl.SSLWantReadError(ssl.SSL_ERROR_WANT_READ, "read would block")
+        kind, code, text = ssl.SSLWantReadError, ssl.SSL_ERROR_WANT_READ, "read would block"
     elif isinstance(exc, SSL.WantWriteError):
-        error = ssl.SSLWantWriteError(ssl.SSL_ERROR_WANT_WRITE, "write would block")
+        kind, code, text = ssl.SSLWantWriteError, ssl.SSL_ERROR_WANT_WRITE, "write would block"
     elif isinstance(exc, SSL.ZeroReturnError):
-        error = ssl.SSLZeroReturnError(ssl.SSL_ERROR_ZERO_RETURN, "TLS connection closed")
+        kind, code, text = ssl.SSLZeroReturnError, ssl.SSL_ERROR_ZERO_RETURN, "TLS closed"
     elif isinstance(exc, SSL.SysCallError):
-        error = ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF in violation of protocol")
+        kind, code, text = ssl.SSLEOFError, ssl.SSL_ERROR_EOF, "EOF in violation of protocol"
     else:
         queue = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
         reasons = [str(entry[-1]) for entry in queue if entry and entry[-1]]
         text = ", ".join(reasons) or str(exc) or "TLS error"
+        kind, code = ssl.SSLError, ssl.SSL_ERROR_SSL
         if "certificate verify failed" in reasons:
-            error = ssl.SSLCertVerificationError(ssl.SSL_ERROR_SSL, text)
-        else:
-            error = ssl.SSLError(ssl.SSL_ERROR_SSL, text)
-    error.reason = error.strerror
+            kind = ssl.SSLCertVerificationError
+    error = kind(code, text)
+    error.reason = text
     return error
 
 

@@ -2,8 +2,9 @@
 cannot (protocol violations, torn replies, extended headers, quirks).
 
 The handshake is configurable (oldstyle greeting, no GO, extended headers, refusing
-STARTTLS or accepting it and then sending plaintext, error messages); transmission requests go to a handler coroutine that the
-test supplies and that writes whatever bytes it wants.
+STARTTLS or accepting it and then sending plaintext, error messages); transmission
+requests go to a handler coroutine that the test supplies and that writes whatever
+bytes it wants.
 """
 
 from __future__ import annotations
