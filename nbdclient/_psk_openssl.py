@@ -24,7 +24,7 @@ from OpenSSL import SSL
 _lib: Any = Binding.lib
 _ffi: Any = Binding.ffi
 
-_READ_CHUNK = 1 << 16  # one TLS record is at most 16 KiB of data
+_RECORD = 1 << 14  # the most data one TLS record carries
 _OUT_CHUNK = 1 << 18
 _CLIENT_CALLBACK = (
     "unsigned int (*)(SSL *, const char *, char *, unsigned int, unsigned char *, unsigned int)"
@@ -168,17 +168,30 @@ class OpenSSLPSKObject(ssl.SSLObject):
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
         self._take_incoming()
-        size = min(len, _READ_CHUNK)
         try:
-            if buffer is not None:
-                return self._connection.recv_into(buffer, size)
-            return self._connection.recv(size)
+            if buffer is None:
+                return self._connection.recv(min(len, _RECORD))
+            return self._read_into(memoryview(buffer).cast("B")[:len])
         except SSL.ZeroReturnError:
             return 0 if buffer is not None else b""  # close_notify, as ssl reports it
         except SSL.Error as exc:
             raise _as_ssl_error(exc) from None
         finally:
             self._give_outgoing()
+
+    def _read_into(self, view: memoryview) -> int:
+        """Decrypted data into ``view``, record after record, until it is full or
+        OpenSSL needs more input (one call per record would cost a Python round trip
+        through asyncio's TLS layer for every 16 KiB)."""
+        filled = 0
+        while filled < len(view):
+            try:
+                filled += self._connection.recv_into(view[filled:], _RECORD)
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                if filled:
+                    return filled
+                raise
+        return filled
 
     def write(self, data: Any) -> int:
         self._take_incoming()
