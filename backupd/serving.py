@@ -67,14 +67,14 @@ def chain_files(repo: VMRepository, backup: Manifest, disk: str) -> list[Path]:
 
 
 def load_psk_file(path: Path) -> bytes:
-    """The content of a PSK file for qemu's ``tls-creds-psk`` (``username:hexkey``
-    lines, as GnuTLS's psktool writes them), checked line by line."""
+    """A PSK file for qemu's ``tls-creds-psk`` (``username:hexkey`` lines, as GnuTLS's
+    psktool writes them), checked line by line; returned with plain LF line ends."""
     try:
         with open(path, "rb") as file:
             data = file.read(1 << 20)
     except OSError as exc:
         raise UsageError(f"cannot read --tls-psk-file {path}: {exc.strerror or exc}") from None
-    users = 0
+    lines = []
     for number, raw in enumerate(data.splitlines(), 1):
         line = raw.strip()
         if not line:
@@ -86,10 +86,10 @@ def load_psk_file(path: Path) -> bytes:
             valid = False
         if not valid:
             raise UsageError(f"--tls-psk-file {path}, line {number}: not USERNAME:HEXKEY")
-        users += 1
-    if not users:
+        lines.append(line + b"\n")
+    if not lines:
         raise UsageError(f"--tls-psk-file {path} holds no USERNAME:HEXKEY line")
-    return data
+    return b"".join(lines)
 
 
 def blockdev_for(files: list[Path], disk: str) -> dict[str, object]:
@@ -151,7 +151,8 @@ class ServedImage:
         return self._tmp
 
     def _tls_object(self) -> dict[str, object] | None:
-        """qemu's TLS credentials object for the TCP listener, if any."""
+        """qemu's TLS credentials object for the TCP listener, if any; for PSK it
+        first writes the keys into the private folder that object names."""
         if self.tls_dir is not None:
             directory, kind = self.tls_dir, "tls-creds-x509"
         elif self.psk_keys is not None:
