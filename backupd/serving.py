@@ -4,6 +4,11 @@ One ``qemu-storage-daemon`` serves every disk of a backup, one export per disk n
 after it.  The backing chain is given to qemu explicitly, node by node, from the
 manifests: the backing file names written in the files are checked but never
 followed, so a crafted backing path cannot make backupd read outside the repository.
+Every option reaches qemu as JSON, never spliced into its comma-separated syntax.
+
+Over TCP qemu does the TLS: X.509 (``tls-creds-x509`` on the given folder) or a
+pre-shared key (``tls-creds-psk``, which reads ``keys.psk`` in a folder: backupd
+copies the user's key file into a private folder of its own for it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.errors import BackupdError, ChainError, NotFoundError
+from backupd.errors import BackupdError, ChainError, NotFoundError, UsageError
 from backupd.manifest import Manifest
 from backupd.qcow2.layout import read_backing_file
 from backupd.repository import VMRepository
@@ -61,6 +66,32 @@ def chain_files(repo: VMRepository, backup: Manifest, disk: str) -> list[Path]:
     return files
 
 
+def load_psk_file(path: Path) -> bytes:
+    """A PSK file for qemu's ``tls-creds-psk`` (``username:hexkey`` lines, as GnuTLS's
+    psktool writes them), checked line by line; returned with plain LF line ends."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"cannot read --tls-psk-file {path}: {exc.strerror or exc}") from None
+    lines = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        name, colon, key = line.partition(b":")
+        try:
+            valid = bool(name) and bool(colon) and len(bytes.fromhex(key.decode("ascii"))) > 0
+        except (UnicodeDecodeError, ValueError):
+            valid = False
+        if not valid:
+            raise UsageError(f"--tls-psk-file {path}, line {number}: not USERNAME:HEXKEY")
+        lines.append(line + b"\n")
+    if not lines:
+        raise UsageError(f"--tls-psk-file {path} holds no USERNAME:HEXKEY line")
+    return b"".join(lines)
+
+
 def blockdev_for(files: list[Path], disk: str) -> dict[str, object]:
     node: dict[str, object] | None = None
     for depth, path in enumerate(files):
@@ -87,6 +118,7 @@ class ServedImage:
         socket: Path | None = None,
         listen: tuple[str, int] | None = None,
         tls_dir: Path | None = None,
+        psk_keys: bytes | None = None,
     ) -> None:
         self.repo = repo
         self.manifest = manifest
@@ -101,43 +133,72 @@ class ServedImage:
         self.socket = socket
         self.listen = listen
         self.tls_dir = tls_dir
+        self.psk_keys = psk_keys
         self.proc: asyncio.subprocess.Process | None = None
 
     def _uri(self, disk: str) -> str:
         if self.listen is not None:
             host, port = self.listen
-            scheme = "nbds" if self.tls_dir else "nbd"
-            return f"{scheme}://{host}:{port}/{disk}"
+            scheme = "nbds" if self.tls_dir or self.psk_keys else "nbd"
+            where = f"[{host}]" if ":" in host else host
+            return f"{scheme}://{where}:{port}/{disk}"
         assert self.socket is not None
         return f"nbd+unix:///{disk}?socket={self.socket}"
+
+    def _private_dir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="backupd-serve-", dir="/tmp"))
+        return self._tmp
+
+    def _tls_object(self) -> dict[str, object] | None:
+        """qemu's TLS credentials object for the TCP listener, if any; for PSK it
+        first writes the keys into the private folder that object names."""
+        if self.tls_dir is not None:
+            directory, kind = self.tls_dir, "tls-creds-x509"
+        elif self.psk_keys is not None:
+            directory, kind = self._private_dir(), "tls-creds-psk"
+            fd = os.open(
+                directory / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            with open(fd, "wb") as file:
+                file.write(self.psk_keys)
+        else:
+            return None
+        return {"qom-type": kind, "id": "tls0", "endpoint": "server", "dir": str(directory)}
+
+    def _server_args(self) -> list[str]:
+        """``--object`` (TLS) and ``--nbd-server``, as JSON."""
+        if self.listen is None:
+            assert self.socket is not None
+            server: dict[str, object] = {"addr": {"type": "unix", "path": str(self.socket)}}
+            return ["--nbd-server", json.dumps(server)]
+        host, port = self.listen
+        server = {"addr": {"type": "inet", "host": host, "port": str(port)}}
+        tls = self._tls_object()
+        if tls is None:
+            return ["--nbd-server", json.dumps(server)]
+        server["tls-creds"] = tls["id"]
+        return ["--object", json.dumps(tls), "--nbd-server", json.dumps(server)]
 
     async def __aenter__(self) -> list[ServedDisk]:
         args = ["qemu-storage-daemon"]
         if self.listen is None and self.socket is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="backupd-serve-", dir="/tmp"))
-            self.socket = self._tmp / "nbd.sock"
+            self.socket = self._private_dir() / "nbd.sock"
         served = []
+        tops = {}
         for disk in self.disks:
             files = chain_files(self.repo, self.manifest, disk)
             args += ["--blockdev", json.dumps(blockdev_for(files, disk))]
+            tops[disk] = f"{disk}-{len(files) - 1}"
             served.append(ServedDisk(disk, self.manifest.disks[disk].virtual_size, self._uri(disk)))
-        server = "--nbd-server"
-        if self.listen is not None:
-            host, port = self.listen
-            spec = f"addr.type=inet,addr.host={host},addr.port={port}"
-            if self.tls_dir is not None:
-                args += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={self.tls_dir}"]
-                spec += ",tls-creds=tls0"
-        else:
-            spec = f"addr.type=unix,addr.path={self.socket}"
-        args += [server, spec]
+        try:
+            args += self._server_args()
+        except OSError as exc:
+            await self.stop()
+            raise BackupdError(f"cannot prepare the TLS key for qemu: {exc}") from exc
         for disk in self.disks:
-            args += [
-                "--export",
-                f"type=nbd,id={disk},node-name={disk}-"
-                f"{len(chain_files(self.repo, self.manifest, disk)) - 1},name={disk},"
-                "writable=off",
-            ]
+            export = {"type": "nbd", "id": disk, "node-name": tops[disk], "name": disk}
+            args += ["--export", json.dumps({**export, "writable": False})]
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
