@@ -148,7 +148,9 @@ async def _run_locked(
     for stale in repo.staging():
         log.warning("%s: removing %s left by an interrupted run", vm.name, stale.name)
         shutil.rmtree(stale, ignore_errors=True)
-    latest = repo.latest()
+    latest, damaged = repo.latest_good()
+    for skipped, problem in damaged:
+        log.warning("%s: backup %s is damaged, not continued from: %s", vm.name, skipped, problem)
     owned = {bitmap_name(latest.id)} if latest is not None else set()
     for item in await cleanup_leftovers(monitor, owned, scratch_dir):
         log.warning("%s: removed leftover %s", vm.name, item)

@@ -8,6 +8,7 @@ and start time into the file so that a refused run can say who is in the way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from backupd.errors import BusyError
+from backupd.errors import BusyError, RepositoryError
 
 
 def _holder_text(path: Path) -> str:
@@ -30,7 +31,13 @@ def _holder_text(path: Path) -> str:
 def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
     """Hold the lock at ``path`` (BusyError when another process holds it)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # never through a symlink: the repository is not trusted, the lock file is written
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RepositoryError(f"lock file {path} is a symlink: refusing to follow it") from None
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:

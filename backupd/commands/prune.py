@@ -7,7 +7,7 @@ import logging
 import shutil
 
 from backupd.commands import CommandContext
-from backupd.errors import UsageError
+from backupd.errors import RepositoryError, UsageError
 from backupd.repository import Repository
 from backupd.retention import close_over_chains, select
 
@@ -41,7 +41,12 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
         repo.lock(purpose=f"backupd prune --vm {vm.name}"),
         repo.readers(exclusive=True, purpose=f"backupd prune --vm {vm.name}"),
     ):
-        manifests = repo.backups()
+        try:
+            manifests = repo.backups()
+        except RepositoryError as exc:
+            raise RepositoryError(
+                f"nothing pruned: {exc} (see backupd verify --vm {vm.name}; repair or remove it)"
+            ) from None
         parents = {m.id: m.parent for m in manifests}
         keep = close_over_chains(select(list(parents), vm.retention), parents)
         for backup in sorted(parents):
