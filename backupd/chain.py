@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.errors import ChainError, NotFoundError
+from backupd.errors import ChainError, NotFoundError, RepositoryError
 from backupd.manifest import Manifest
 from backupd.qcow2.inspector import ImageFacts, ImageRefused, inspect_image
 from backupd.repository import VMRepository
@@ -65,6 +65,8 @@ def check_image(
         fd = repo.open_file(manifest.id, image_name(disk))
     except FileNotFoundError:
         raise ChainError(f"{where}: file {image_name(disk)} is missing") from None
+    except RepositoryError as exc:  # a symlink or a special file in its place
+        raise ChainError(str(exc)) from None
     try:
         facts = inspect_image(fd, allow_encryption=allow_encryption)
         record = manifest.disks[disk]
