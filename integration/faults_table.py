@@ -1,4 +1,5 @@
-"""The fault-injection suite's summary table: scenario, trials, failures, changes lost."""
+"""The fault-injection suite's summary table: scenario, trials, failures, changes lost,
+escapes (a hostile repository made backupd or qemu open something outside it)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ class Row:
     trials: int = 0
     failures: int = 0
     lost: int = 0
+    escapes: int = 0
 
 
 ROWS: dict[str, Row] = {}
 
 
-def record(scenario: str, *, failed: bool = False, lost: int = 0) -> None:
+def record(scenario: str, *, failed: bool = False, lost: int = 0, escapes: int = 0) -> None:
     row = ROWS.setdefault(scenario, Row(scenario))
     row.trials += 1
     row.failures += int(failed)
     row.lost += lost
+    row.escapes += escapes
 
 
 def table() -> list[str]:
@@ -28,9 +31,12 @@ def table() -> list[str]:
         return []
     width = max(len(r.scenario) for r in ROWS.values())
     lines = [
-        f"| {'scenario':<{width}} | trials | failures | changes lost |",
-        f"|{'-' * (width + 2)}|--------|----------|--------------|",
+        f"| {'scenario':<{width}} | trials | failures | changes lost | escapes |",
+        f"|{'-' * (width + 2)}|--------|----------|--------------|---------|",
     ]
     for r in ROWS.values():
-        lines.append(f"| {r.scenario:<{width}} | {r.trials:>6} | {r.failures:>8} | {r.lost:>12} |")
+        lines.append(
+            f"| {r.scenario:<{width}} | {r.trials:>6} | {r.failures:>8} | {r.lost:>12} "
+            f"| {r.escapes:>7} |"
+        )
     return lines

@@ -49,6 +49,11 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             ) from None
         parents = {m.id: m.parent for m in manifests}
         keep = close_over_chains(select(list(parents), vm.retention), parents)
+        for backup in keep:  # a kept backup with a broken chain: change nothing
+            try:
+                repo.chain(backup)
+            except RepositoryError as exc:
+                raise RepositoryError(f"nothing pruned: {exc}") from None
         for backup in sorted(parents):
             if backup in keep:
                 print(f"keep   {backup}  ({keep[backup]})")

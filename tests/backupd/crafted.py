@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backupd.digests import hexdigest
+from backupd.digests import ALGORITHM, hexdigest
 from backupd.manifest import DigestRun, DiskRecord, Manifest
 from backupd.qcow2 import layout
 from backupd.qcow2.writer import Qcow2Writer
@@ -90,6 +90,7 @@ def write_backup(vm_dir: Path, spec: Backup, disk: str = "vda") -> Manifest:
         zero_extents=len(spec.zeros),
         compressed=bool(spec.compressed),
         digests=tuple(runs),
+        digest_algorithm=ALGORITHM,
     )
     manifest = Manifest(
         id=spec.id,
