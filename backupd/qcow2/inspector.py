@@ -27,9 +27,11 @@ No I/O but ``os.pread`` on a descriptor the caller opened (and closes).
 
 from __future__ import annotations
 
+import array
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Final
 
@@ -287,6 +289,14 @@ def _check_mapping(fd: int, header: _Header, file_size: int) -> tuple[int, int, 
 
 def _check_l2(table: bytes, cluster_bits: int, file_size: int) -> tuple[int, int]:
     """(data, compressed clusters) of one L2 table, every entry checked."""
+    fast = _check_plain_l2(table, cluster_bits, file_size)
+    if fast is not None:
+        return fast, 0
+    return _check_l2_entries(table, cluster_bits, file_size)
+
+
+def _check_l2_entries(table: bytes, cluster_bits: int, file_size: int) -> tuple[int, int]:
+    """The entry-by-entry check (compressed clusters; says which entry is refused)."""
     cluster = 1 << cluster_bits
     data = compressed = 0
     for (entry,) in struct.iter_unpack(">Q", table):
@@ -309,3 +319,34 @@ def _check_l2(table: bytes, cluster_bits: int, file_size: int) -> tuple[int, int
             raise ImageRefused(f"data cluster at {offset:#x} lies outside the file")
         data += 1
     return data, compressed
+
+
+def _check_plain_l2(table: bytes, cluster_bits: int, file_size: int) -> int | None:
+    """The data clusters of an L2 table without compressed entries, checked a byte
+    column at a time at C speed (a 1 TiB backup has 16M entries); None when the table
+    needs the entry-by-entry check (compressed clusters, or anything refused)."""
+    count = len(table) // 8
+    if table[0::8].translate(None, b"\x00\x80"):  # bits 56-63: only the copied flag
+        return None
+    if table[7::8].translate(None, b"\x00\x01"):  # bits 0-7: only the zero flag
+        return None
+    column, low = 6, cluster_bits - 8  # bits 8 .. cluster_bits-1: alignment, reserved
+    while low >= 8:
+        if table[column::8].count(0) != count:
+            return None
+        column, low = column - 1, low - 8
+    if low and table[column::8].translate(None, _ALIGNED[low]):
+        return None
+    offsets = bytearray(table)
+    offsets[0::8] = bytes(count)
+    entries = array.array("Q", offsets)
+    if sys.byteorder == "little":
+        entries.byteswap()
+    mapped = count - entries.count(0) - entries.count(layout.OFLAG_ZERO)
+    if mapped and (max(entries) & OFFSET_MASK) + (1 << cluster_bits) > file_size:
+        return None
+    return mapped
+
+
+#: byte values whose ``n`` low bits are clear
+_ALIGNED = {n: bytes(v for v in range(256) if not v & ((1 << n) - 1)) for n in range(1, 8)}
