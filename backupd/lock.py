@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -19,12 +20,11 @@ from pathlib import Path
 from backupd.errors import BusyError, RepositoryError
 
 
-def _holder_text(path: Path) -> str:
+def _holder_text(fd: int) -> str:
     try:
-        text = path.read_text().strip()
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
     except OSError:
         return ""
-    return text
 
 
 @contextlib.contextmanager
@@ -39,11 +39,13 @@ def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> 
             raise
         raise RepositoryError(f"lock file {path} is a symlink: refusing to follow it") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RepositoryError(f"lock file {path} is not a regular file: refusing it")
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder_text(path) or "another backupd process"
+            holder = _holder_text(fd) or "another backupd process"
             raise BusyError(f"vm {vm} is busy: {holder} holds its lock") from None
         if not shared:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -58,14 +58,16 @@ class StagedBackup:
 
     def commit(self, manifest: Manifest) -> Path:
         """fsync every file, write the manifest, rename into place, fsync the VM folder."""
+        # (the staging folder is ours, but the repository is not trusted: never follow)
         for entry in self.path.iterdir():
-            fd = os.open(entry, os.O_RDONLY)
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         tmp = self.path / (MANIFEST + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         try:
             os.write(fd, manifest.to_json().encode())
             os.fsync(fd)
@@ -171,6 +173,23 @@ class VMRepository:
                 os.close(folder)
         finally:
             os.close(vm_fd)
+
+    def read_own_file(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        """The content of backupd's own file ``<vm>/<name>`` (``.status.json``), read
+        without following a symlink; None when it is absent, not a regular file or
+        larger than ``limit``."""
+        folder = self._vm_folder()
+        if folder is None:
+            return None
+        try:
+            fd = open_regular(name, folder, f"{name} of vm {self.vm}")
+        except (OSError, RepositoryError):
+            return None
+        finally:
+            os.close(folder)
+        with open(fd, "rb") as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
 
     def load(self, backup: str) -> Manifest:
         """The manifest of ``backup`` (RepositoryError when it is damaged)."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from backupd.config import Config
+from backupd.errors import RepositoryError
+from backupd.names import is_name
 from backupd.repository import Repository, VMRepository
 
 STATUS_FILE = ".status.json"
@@ -64,11 +66,31 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
 
 
 def read_status(repo: VMRepository) -> dict[str, Any]:
+    """The recorded runs; an entry of the wrong shape (the repository is not trusted)
+    is left out, as if it had never been written."""
     try:
-        data: dict[str, Any] = json.loads((repo.path / STATUS_FILE).read_text())
-        return data
-    except (OSError, ValueError):
+        raw = repo.read_own_file(STATUS_FILE)
+        data = json.loads(raw) if raw is not None else {}
+    except (OSError, RepositoryError, ValueError, RecursionError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("last_run", "last_success") if _sound(data.get(key))}
+
+
+def _sound(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    numbers = ("started", "duration", "bytes")
+    if not all(type(entry.get(k, 0)) in (int, float) for k in numbers):
+        return False
+    texts = ("result", "backup", "kind", "reason", "error")
+    if not all(entry.get(k) is None or isinstance(entry[k], str) for k in texts):
+        return False
+    disks = entry.get("disks", {})
+    return isinstance(disks, dict) and all(
+        is_name(name) and type(count) is int for name, count in disks.items()
+    )
 
 
 def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, Any]:
@@ -134,9 +156,11 @@ def write_metrics(config: Config) -> None:
         last = status.get("last_run")
         if last:
             lines.append(
-                f"backupd_last_run_success{{{label}}} {1 if last['result'] == 'ok' else 0}"
+                f"backupd_last_run_success{{{label}}} {1 if last.get('result') == 'ok' else 0}"
             )
-            lines.append(f"backupd_last_run_duration_seconds{{{label}}} {last['duration']:.3f}")
+            lines.append(
+                f"backupd_last_run_duration_seconds{{{label}}} {last.get('duration', 0):.3f}"
+            )
             for disk, count in sorted((last.get("disks") or {}).items()):
                 lines.append(f'backupd_last_run_bytes{{{label},disk="{disk}"}} {count}')
         lines.append(f"backupd_repository_bytes{{{label}}} {info['repository_bytes']}")

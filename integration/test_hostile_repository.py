@@ -1,7 +1,7 @@
 """A hostile repository against the real commands: crafted manifests, symlinks and
 special files in the layout, crafted qcow2 headers and tables, each case in its own VM
-folder, each run through ``list``, ``verify``, ``restore``, ``serve`` and ``prune``
-(the CLI's own ``main`` in a fresh process per command, qemu-img and
+folder, each run through ``list``, ``status``, ``verify``, ``restore``, ``serve`` and
+``prune`` (the CLI's own ``main`` in a fresh process per command, qemu-img and
 qemu-storage-daemon real, everything under ``strace -f``).
 
 Every command either works (and then restores exactly the backed-up bytes) or refuses
@@ -69,6 +69,7 @@ def argv(config: Path, case: Case, command: str, work: Path, sockdir: Path, n: i
     vm = ["--vm", case.name]
     extra = {
         "list": ["--json"],
+        "status": ["--json"],
         "verify": ["--all"],
         "restore": ["--disk", "vda", "--output", str(work / f"{case.name}.raw")],
         "serve": ["--socket", str(sockdir / f"{n}.sock")],

@@ -22,7 +22,7 @@ from tests.backupd.crafted import (
     set_entry,
 )
 
-COMMANDS = ("list", "verify", "restore", "serve", "prune")
+COMMANDS = ("list", "status", "verify", "restore", "serve", "prune")
 READ_IMAGES = frozenset({"verify", "restore", "serve"})
 EVERYTHING_BUT_LIST = frozenset({"verify", "restore", "serve", "prune"})
 DATA_FILE_EXT = 0x44415441
@@ -165,6 +165,28 @@ def replace_with_fifo(relative: str) -> Damage:
     return damage
 
 
+def replace_with_fifo_new(relative: str) -> Damage:
+    def damage(vm: Path, outside: Path) -> None:
+        os.mkfifo(vm / relative)
+
+    return damage
+
+
+HOSTILE_STATUS = json.dumps(
+    {
+        "last_run": {"result": "ok", "started": "x", "duration": [], "disks": {'a"}\n': 1}},
+        "last_success": 5,
+    }
+)
+
+
+def status_file(text: str) -> Damage:
+    def damage(vm: Path, outside: Path) -> None:
+        (vm / ".status.json").write_text(text)
+
+    return damage
+
+
 def vm_folder_symlink(vm: Path, outside: Path) -> None:
     shutil.rmtree(vm)
     vm.symlink_to(outside / "copy")
@@ -229,6 +251,13 @@ PATHS: dict[str, tuple[Damage, frozenset[str], str | None]] = {
     "p-image-fifo": (replace_with_fifo(IMAGE), READ_IMAGES, None),
     "p-image-folder": (image_is_a_folder, READ_IMAGES, None),
     "p-backup-a-file": (backup_is_a_file, frozenset(), FULL),
+    "p-status-fifo": (replace_with_fifo_new(".status.json"), frozenset(), INCREMENTAL),
+    "p-status-symlink": (
+        replace_with_symlink(".status.json", own_canary),
+        frozenset(),
+        INCREMENTAL,
+    ),
+    "p-status-hostile": (status_file(HOSTILE_STATUS), frozenset(), INCREMENTAL),
 }
 
 
