@@ -4,6 +4,7 @@ Prometheus textfile (node_exporter textfile collector format), written atomicall
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ def _sound(entry: object) -> bool:
     if not isinstance(entry, dict):
         return False
     numbers = ("started", "duration", "bytes")
-    if not all(type(entry.get(k, 0)) in (int, float) for k in numbers):
+    values = [entry.get(k, 0) for k in numbers]
+    if not all(type(v) in (int, float) and 0 <= v < math.inf for v in values):
         return False
     texts = ("result", "backup", "kind", "reason", "error")
     if not all(entry.get(k) is None or isinstance(entry[k], str) for k in texts):
