@@ -4,6 +4,7 @@ Prometheus textfile (node_exporter textfile collector format), written atomicall
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -17,6 +18,8 @@ from backupd.names import is_name
 from backupd.repository import Repository, VMRepository
 
 STATUS_FILE = ".status.json"
+
+log = logging.getLogger("backupd")
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
@@ -100,7 +103,11 @@ def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, An
     now = time.time() if now is None else now
     repo = Repository(config.repository).vm(vm)
     status = read_status(repo)
-    ids = repo.ids()
+    try:
+        ids = repo.ids()
+    except RepositoryError as exc:  # the VM's folder is a symlink: verify and list say so
+        log.warning("%s", exc)
+        ids = []
     chain_length = 0
     stored = 0
     for backup in ids:

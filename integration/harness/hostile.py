@@ -232,7 +232,7 @@ PATHS: dict[str, tuple[Damage, frozenset[str], str | None]] = {
         EVERYTHING_BUT_LIST,
         None,
     ),
-    "p-vm-symlink": (vm_folder_symlink, frozenset(COMMANDS), None),
+    "p-vm-symlink": (vm_folder_symlink, EVERYTHING_BUT_LIST, None),
     "p-lock-symlink": (
         replace_with_symlink(".lock", own_canary),
         frozenset({"prune"}),
