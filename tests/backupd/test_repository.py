@@ -8,6 +8,8 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,16 @@ def test_names_are_whole_string_matches(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match="invalid disk name"):
         parse_config(data, tmp_path / "c.yaml")
     assert parse_config({"repository": "/r", "vms": {"g-1.x_2": {"qmp": "/q"}}}, tmp_path)
+
+
+def test_the_repository_side_does_not_import_the_configuration() -> None:
+    """Names have their own module: the repository, the manifests and the gate raise
+    repository errors, not configuration errors, and never import the config parser."""
+    code = (
+        "import sys, backupd.repository, backupd.chain, backupd.manifest\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('backupd'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "backupd.repository" in loaded and "backupd.config" not in loaded
