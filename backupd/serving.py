@@ -2,8 +2,9 @@
 
 One ``qemu-storage-daemon`` serves every disk of a backup, one export per disk named
 after it.  The backing chain is given to qemu explicitly, node by node, from the
-manifests: the backing file names written in the files are checked but never
-followed, so a crafted backing path cannot make backupd read outside the repository.
+manifests, and every file passes :func:`backupd.chain.chain_files` (the gate: an image
+backupd could have written, at its place in the layout, naming exactly its parent)
+before qemu is started: the names written in the files are checked, never followed.
 Every option reaches qemu as JSON, never spliced into its comma-separated syntax.
 
 Over TCP qemu does the TLS: X.509 (``tls-creds-x509`` on the given folder) or a
@@ -24,9 +25,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.errors import BackupdError, ChainError, NotFoundError, UsageError
+from backupd.chain import chain_files
+from backupd.errors import BackupdError, NotFoundError, UsageError
 from backupd.manifest import Manifest
-from backupd.qcow2.layout import read_backing_file
 from backupd.repository import VMRepository
 
 log = logging.getLogger("backupd.serve")
@@ -37,33 +38,6 @@ class ServedDisk:
     name: str
     size: int
     uri: str
-
-
-def chain_files(repo: VMRepository, backup: Manifest, disk: str) -> list[Path]:
-    """The files of ``disk`` from the full to ``backup``, each checked: present, qcow2,
-    and naming exactly its parent as backing file (inside the repository)."""
-    chain = repo.chain(backup.id)
-    files = []
-    previous: Manifest | None = None
-    for manifest in chain:
-        if disk not in manifest.disks:
-            raise NotFoundError(f"backup {manifest.id} of vm {repo.vm} has no disk {disk!r}")
-        path = repo.path / manifest.id / manifest.disks[disk].file
-        if path.name != f"{disk}.qcow2" or not path.is_file():
-            raise ChainError(f"backup {manifest.id}: file {path.name} of disk {disk} is missing")
-        try:
-            _, backing = read_backing_file(str(path))
-        except (OSError, ValueError) as exc:
-            raise ChainError(f"backup {manifest.id}: {exc}") from None
-        expected = None if previous is None else f"../{previous.id}/{disk}.qcow2"
-        if backing != expected:
-            raise ChainError(
-                f"backup {manifest.id} disk {disk}: backing file {backing!r} is not "
-                f"{expected!r}; refusing to follow it"
-            )
-        files.append(path)
-        previous = manifest
-    return files
 
 
 def load_psk_file(path: Path) -> bytes:

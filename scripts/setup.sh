@@ -17,6 +17,7 @@ want nbdinfo libnbd-bin
 want nbdcopy libnbd-bin
 want systemd-analyze systemd
 want openssl openssl
+want strace strace  # the hostile-repository suite audits opened paths
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 
 if ((${#need_pkgs[@]})); then
