@@ -16,7 +16,13 @@ import pytest
 
 from backupd.chain import chain_files
 from backupd.config import parse_config
-from backupd.errors import ChainError, ConfigError, NotFoundError, RepositoryError
+from backupd.errors import (
+    ChainError,
+    ConfigError,
+    NotFoundError,
+    RepositoryError,
+    UsageError,
+)
 from backupd.repository import Repository, VMRepository
 from backupd.retention import close_over_chains
 from tests.backupd.crafted import FULL, INCREMENTAL, VM, base_chain
@@ -109,7 +115,7 @@ def test_missing_file_and_missing_parent(repo: VMRepository) -> None:
         repo.chain(INCREMENTAL)
     with pytest.raises(NotFoundError):
         repo.load(FULL)
-    with pytest.raises(NotFoundError, match="invalid backup id"):
+    with pytest.raises(UsageError, match="invalid backup id"):
         repo.load("../x")
 
 
