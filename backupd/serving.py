@@ -15,20 +15,23 @@ copies the user's key file into a private folder of its own for it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.chain import chain_files
+from backupd.chain import CheckedFile, checked_chain
 from backupd.errors import BackupdError, NotFoundError, UsageError
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
+from backupd.shield import run_to_completion
 
 log = logging.getLogger("backupd.serve")
 
@@ -66,14 +69,18 @@ def load_psk_file(path: Path) -> bytes:
     return b"".join(lines)
 
 
-def blockdev_for(files: list[Path], disk: str) -> dict[str, object]:
+def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:
+    """The chain of one disk as nested qemu nodes, each file given as the descriptor the
+    gate checked (``/dev/fd/N``: a file swapped in the repository after the check is not
+    what qemu opens).  Node names are short (``d<index>-<depth>``): qemu allows 31
+    characters, disk names may be longer."""
     node: dict[str, object] | None = None
-    for depth, path in enumerate(files):
+    for depth, checked in enumerate(files):
         node = {
             "driver": "qcow2",
-            "node-name": f"{disk}-{depth}",
+            "node-name": f"d{index}-{depth}",
             "read-only": True,
-            "file": {"driver": "file", "filename": str(path), "read-only": True},
+            "file": {"driver": "file", "filename": f"/dev/fd/{checked.fd}", "read-only": True},
             "backing": node if node is not None else None,
         }
     assert node is not None
@@ -81,7 +88,12 @@ def blockdev_for(files: list[Path], disk: str) -> dict[str, object]:
 
 
 class ServedImage:
-    """``async with ServedImage(repo, manifest, disks, socket=...) as disks:``"""
+    """``async with ServedImage(repo, manifest, disks, socket=...) as disks:``
+
+    qemu-storage-daemon reports itself ready by writing its pid file, after every node,
+    the NBD server and every export exist; its stderr is drained all along (a flood of
+    failed TLS handshakes must not fill a pipe and stall it), and :meth:`wait` returns
+    when it exits, for a caller that must notice a daemon that died."""
 
     def __init__(
         self,
@@ -109,6 +121,8 @@ class ServedImage:
         self.tls_dir = tls_dir
         self.psk_keys = psk_keys
         self.proc: asyncio.subprocess.Process | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=20)
+        self._drain: asyncio.Task[None] | None = None
 
     def _uri(self, disk: str) -> str:
         if self.listen is not None:
@@ -148,69 +162,86 @@ class ServedImage:
             return ["--nbd-server", json.dumps(server)]
         host, port = self.listen
         server = {"addr": {"type": "inet", "host": host, "port": str(port)}}
-        tls = self._tls_object()
+        try:
+            tls = self._tls_object()
+        except OSError as exc:
+            raise BackupdError(f"cannot prepare the TLS key for qemu: {exc}") from exc
         if tls is None:
             return ["--nbd-server", json.dumps(server)]
         server["tls-creds"] = tls["id"]
         return ["--object", json.dumps(tls), "--nbd-server", json.dumps(server)]
 
     async def __aenter__(self) -> list[ServedDisk]:
-        args = ["qemu-storage-daemon"]
-        if self.listen is None and self.socket is None:
-            self.socket = self._private_dir() / "nbd.sock"
-        served = []
-        tops = {}
-        for disk in self.disks:
-            files = chain_files(self.repo, self.manifest, disk)
-            args += ["--blockdev", json.dumps(blockdev_for(files, disk))]
-            tops[disk] = f"{disk}-{len(files) - 1}"
-            served.append(ServedDisk(disk, self.manifest.disks[disk].virtual_size, self._uri(disk)))
         try:
-            args += self._server_args()
-        except OSError as exc:
-            await self.stop()
-            raise BackupdError(f"cannot prepare the TLS key for qemu: {exc}") from exc
-        for disk in self.disks:
-            export = {"type": "nbd", "id": disk, "node-name": tops[disk], "name": disk}
-            args += ["--export", json.dumps({**export, "writable": False})]
-        self.proc = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            await self._wait_ready()
+            with contextlib.ExitStack() as held:
+                args = ["qemu-storage-daemon", "--pidfile", str(self._private_dir() / "qsd.pid")]
+                if self.listen is None and self.socket is None:
+                    self.socket = self._private_dir() / "nbd.sock"
+                fds: list[int] = []
+                tops: list[str] = []
+                for index, disk in enumerate(self.disks):
+                    files = held.enter_context(checked_chain(self.repo, self.manifest, disk))
+                    fds += [checked.fd for checked in files]
+                    node = blockdev_for(files, index)
+                    args += ["--blockdev", json.dumps(node)]
+                    tops.append(str(node["node-name"]))
+                args += self._server_args()
+                for index, (disk, top) in enumerate(zip(self.disks, tops, strict=True)):
+                    export = {"type": "nbd", "id": f"e{index}", "node-name": top, "name": disk}
+                    args += ["--export", json.dumps({**export, "writable": False})]
+                self.proc = await asyncio.create_subprocess_exec(
+                    *args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    pass_fds=fds,
+                )
+                self._drain = asyncio.create_task(self._drain_stderr())
+                await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
-        return served
+        return [
+            ServedDisk(disk, self.manifest.disks[disk].virtual_size, self._uri(disk))
+            for disk in self.disks
+        ]
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._stderr.append(line)
+                log.debug("qemu-storage-daemon: %s", line)
+
+    def _last_words(self) -> str:
+        return self._stderr[-1] if self._stderr else "qemu-storage-daemon exited"
 
     async def _wait_ready(self) -> None:
+        """Until the pid file is there (ready) or the daemon has exited (failed)."""
         assert self.proc is not None
-        for _ in range(200):
+        pidfile = self._private_dir() / "qsd.pid"
+        for _ in range(600):
             if self.proc.returncode is not None:
                 break
-            if self.socket is not None and self.socket.exists():
+            if pidfile.exists():
                 return
-            if self.listen is not None and await self._port_open():
-                return
-            await asyncio.sleep(0.05)
-        err = b""
-        if self.proc.stderr is not None:
-            with contextlib.suppress(Exception):
-                err = await asyncio.wait_for(self.proc.stderr.read(4096), 1)
-        text = err.decode(errors="replace").strip().splitlines()
-        raise BackupdError(
-            f"cannot serve backup {self.manifest.id}: "
-            f"{text[-1] if text else 'qemu-storage-daemon did not start'}"
-        )
+            await asyncio.sleep(0.02)
+        else:
+            raise BackupdError(f"cannot serve backup {self.manifest.id}: qemu did not start")
+        if self._drain is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drain), 2)
+        raise BackupdError(f"cannot serve backup {self.manifest.id}: {self._last_words()}")
 
-    async def _port_open(self) -> bool:
-        assert self.listen is not None
-        try:
-            _, writer = await asyncio.open_connection(*self.listen)
-        except OSError:
-            return False
-        writer.close()
-        return True
+    async def wait(self) -> str:
+        """Return when qemu-storage-daemon has exited, with what it said last."""
+        assert self.proc is not None
+        await self.proc.wait()
+        if self._drain is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drain), 2)
+        return self._last_words()
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -222,15 +253,17 @@ class ServedImage:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
         if self.socket is not None and self.listen is None:
             with contextlib.suppress(OSError):
                 self.socket.unlink()
         if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                for entry in self._tmp.iterdir():
-                    entry.unlink()
-                os.rmdir(self._tmp)
+            shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await run_to_completion(self.stop())

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from backupd.commands import CommandContext
-from backupd.errors import UsageError
+from backupd.errors import BackupdError, UsageError
 from backupd.repository import Repository
 from backupd.serving import ServedImage, load_psk_file
 
@@ -87,21 +87,28 @@ async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with ServedImage(
+        image = ServedImage(
             repo,
             manifest,
             socket=args.socket,
             listen=listen,
             tls_dir=args.tls_dir,
             psk_keys=psk_keys,
-        ) as disks:
+        )
+        async with image as disks:
             print(
                 f"serving backup {manifest.id} of vm {repo.vm} ({manifest.kind}); Ctrl-C to stop",
                 file=sys.stderr,
             )
             for disk in disks:
                 print(disk.uri, flush=True)
-            await stop.wait()
+            stopped = asyncio.create_task(stop.wait())
+            exited = asyncio.create_task(image.wait())
+            await asyncio.wait({stopped, exited}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if exited.done():  # qemu-storage-daemon died under us: say so, exit 1
+                raise BackupdError(f"serving backup {manifest.id} stopped: {exited.result()}")
+            exited.cancel()
     return 0
 
 

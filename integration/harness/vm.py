@@ -36,6 +36,11 @@ class QemuVM:
         self.harness_qmp = sockdir / "harness.sock"  # qemu serves one client per monitor
         self.agent_path = sockdir / "qga.sock" if agent else None
         self.images = {name: workdir / f"{name}.qcow2" for name in disks}
+        # qemu's node names have at most 31 characters; device ids may be longer
+        self.nodes = {
+            name: f"drive-{name}" if len(name) <= 25 else f"drive-{i}"
+            for i, name in enumerate(disks)
+        }
         self.model = {name: bytearray(size) for name, size in disks.items()}
         # per disk: the protocol layer under qcow2, e.g. a blkdebug node injecting errors
         self.file_options = file_options or {}
@@ -70,10 +75,10 @@ class QemuVM:
                 )
             args += [
                 "-blockdev",
-                f"driver=qcow2,node-name=drive-{name},discard=unmap,"
+                f"driver=qcow2,node-name={self.nodes[name]},discard=unmap,"
                 + self.file_options.get(name, f"file.driver=file,file.filename={image}"),
                 "-device",
-                f"virtio-blk-pci,drive=drive-{name},id={name}",
+                f"virtio-blk-pci,drive={self.nodes[name]},id={name}",
             ]
         out = open(self._log, "ab")  # noqa: SIM115 - handed to the child
         self._log_pos = self._log.stat().st_size
@@ -172,7 +177,7 @@ class QemuVM:
         assert self.qmp is not None
         nodes = await self.qmp.execute("query-named-block-nodes", {"flat": True})
         for node in nodes:  # type: ignore[attr-defined]
-            if node["node-name"] == f"drive-{disk}":
+            if node["node-name"] == self.nodes[disk]:
                 return [b for b in node.get("dirty-bitmaps", []) if "name" in b]
         return []
 
