@@ -368,7 +368,17 @@ class ObjectStore:
             )
             return _etag(reply["ETag"])
 
-        return await self._request(f"COMPLETE-UPLOAD {self.url(key)}", call)
+        try:
+            return await self._request(f"COMPLETE-UPLOAD {self.url(key)}", call)
+        except ObjectNotFound as gone:
+            # a retry after the connection broke may find the upload already completed
+            if gone.code != "NoSuchUpload":
+                raise
+            with contextlib.suppress(ObjectNotFound):
+                info = await self.head(key)
+                if info.etag.endswith(f"-{len(parts)}"):
+                    return info.etag
+            raise
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop an upload and its parts; one already gone is no error."""

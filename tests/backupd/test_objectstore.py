@@ -278,3 +278,21 @@ async def test_retries_are_bounded(fake_s3: MakeStore) -> None:
         "GET s3://bucket/k failed after 4 attempts: HTTP 500 InternalError: "
         "InternalError said the server"
     )
+
+
+async def test_complete_found_done_after_a_lost_answer(fake_s3: MakeStore) -> None:
+    """The answer to CompleteMultipartUpload was lost and the retry finds no upload:
+    the object is there with as many parts as were sent, so the upload did complete."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            return s3_error(404, "NoSuchUpload")
+        headers = {"ETag": '"d41d8cd98f00b204e9800998ecf8427e-2"', "Content-Length": "12"}
+        headers["Last-Modified"] = "Tue, 01 Dec 2026 10:00:00 GMT"
+        return web.Response(headers=headers)
+
+    client = await fake_s3(handler)
+    etag = await client.complete_multipart("k", "upload-1", {1: "a", 2: "b"})
+    assert etag == "d41d8cd98f00b204e9800998ecf8427e-2"
+    with pytest.raises(ObjectNotFound, match="no such multipart upload"):
+        await client.complete_multipart("k", "upload-1", {1: "a", 2: "b", 3: "c"})
