@@ -3,16 +3,18 @@ for backupd: settings, an asyncio client for one bucket with exactly the request
 repository needs, and a writer that streams a file into a multipart upload.
 
 Modules: :mod:`.settings` (the ``s3:`` settings), :mod:`.client` (the requests),
-:mod:`.retry` (bounded retries with backoff), :mod:`.failures` (errors judged and
-mapped to :class:`~backupd.errors.StorageError`), :mod:`.writer` (the multipart sink).
+:mod:`.objects` (the values they answer with), :mod:`.body` (request bodies sent without
+a copy), :mod:`.retry` (bounded retries with backoff), :mod:`.failures` (errors judged
+and mapped to :class:`~backupd.errors.StorageError`), :mod:`.writer` (the multipart
+sink).
 """
 
-from backupd.objectstore.client import (
+from backupd.objectstore.client import ObjectStore
+from backupd.objectstore.objects import (
     MAX_PARTS,
     MIN_PART,
     ConditionalPut,
     ObjectInfo,
-    ObjectStore,
     PendingUpload,
 )
 from backupd.objectstore.retry import Backoff

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import enum
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiobotocore.config import AioConfig
@@ -28,6 +25,13 @@ from aiobotocore.session import get_session
 from backupd.errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnsupported
 from backupd.objectstore.body import BodyView
 from backupd.objectstore.failures import describe
+from backupd.objectstore.objects import (
+    MAX_PARTS,
+    Buffer,
+    ConditionalPut,
+    ObjectInfo,
+    PendingUpload,
+)
 from backupd.objectstore.retry import Backoff, RetriesSpent, with_retries
 from backupd.objectstore.settings import S3Settings
 
@@ -35,35 +39,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 T = TypeVar("T")
-Buffer = bytes | bytearray | memoryview
-MAX_PARTS = 10000
-MIN_PART = 5 << 20  # every part but the last (S3's rule)
 DELETE_BATCH = 1000  # keys per DeleteObjects (S3's limit)
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str  # without quotes; "<md5 of part md5s>-<parts>" for a multipart object
-    last_modified: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class PendingUpload:
-    """A multipart upload begun and neither completed nor aborted."""
-
-    key: str
-    upload_id: str
-    initiated: datetime
-
-
-class ConditionalPut(enum.Enum):
-    """Whether ``PUT`` with ``If-None-Match: *`` (create only if absent) works."""
-
-    SUPPORTED = "supported"
-    UNSUPPORTED = "unsupported"  # refused (e.g. Swift: 501)
-    IGNORED = "ignored"  # accepted but not enforced: the second PUT also succeeded
 
 
 def _add_content_md5(params: dict[str, Any], **_: Any) -> None:
@@ -271,40 +247,34 @@ class ObjectStore:
     ) -> AsyncIterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, in key order, one request
         per ``page_size`` keys (1,000 is the most a server returns)."""
-        token: str | None = None
-        while True:
-            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
-            if token:
-                args["ContinuationToken"] = token
-            page = await self._request(f"LIST {self.url(prefix)}", self._lister(args))
+        async for page in self._pages({"Prefix": prefix, "MaxKeys": page_size}):
             for item in page.get("Contents", ()):
                 yield ObjectInfo(
                     item["Key"], item["Size"], _etag(item["ETag"]), item["LastModified"]
                 )
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-
-    def _lister(self, args: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
-        async def call() -> Any:
-            return await self.s3.list_objects_v2(**args)
-
-        return call
 
     async def list_prefixes(self, prefix: str, delimiter: str = "/") -> list[str]:
         """The "folders" right under ``prefix`` (common prefixes up to ``delimiter``)."""
-        found: list[str] = []
-        token: str | None = None
+        return [
+            p["Prefix"]
+            async for page in self._pages({"Prefix": prefix, "Delimiter": delimiter})
+            for p in page.get("CommonPrefixes", ())
+        ]
+
+    async def _pages(self, query: dict[str, Any]) -> AsyncIterator[Any]:
+        """The pages of one ListObjectsV2 listing, each with retries."""
+        args: dict[str, Any] = {"Bucket": self.bucket, **query}
+
+        async def call() -> Any:
+            return await self.s3.list_objects_v2(**args)
+
         while True:
-            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            args["Delimiter"] = delimiter
-            if token:
-                args["ContinuationToken"] = token
-            page = await self._request(f"LIST {self.url(prefix)}", self._lister(args))
-            found += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+            page = await self._request(f"LIST {self.url(query['Prefix'])}", call)
+            yield page
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return found
+                return
+            args["ContinuationToken"] = token
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         """Delete ``keys`` (1,000 per request); keys already absent are no error."""

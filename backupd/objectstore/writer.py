@@ -4,21 +4,22 @@ the sink for a qcow2 image written straight into object storage.
 The qcow2 writer hands out host offsets in increasing order and writes the header
 cluster (offset 0) last; reads that complete out of order land a little out of order.
 So :class:`MultipartWriter` takes writes at any offset within a *window*, cuts the byte
-stream into parts of ``part_size`` (part *n* holds bytes ``[(n-1)*part_size,
-n*part_size)``), uploads every part as soon as it is complete, ``concurrency`` at a
-time, and keeps the FIRST part in memory until :meth:`finish`, so the header can be
-written into it at the very end.  Bytes never written read as zeros (alignment gaps,
-the tail of the last cluster, :meth:`write_zeroes`).
+stream into parts of ``part_size`` (part *i*, S3's part number *i + 1*, holds bytes
+``[i*part_size, (i+1)*part_size)``), uploads every part as soon as it is complete,
+``concurrency`` at a time, and keeps the FIRST part (part 0) in memory until
+:meth:`finish`, so the header can be written into it at the very end.  Bytes never
+written read as zeros.
 
 The window: writes to part 1 up to part ``low + window - 1`` go straight in, where
 ``low`` is the lowest part (from 1) not yet handed to an upload; a write further ahead
-waits until ``low`` moves.  Part 0 is always writable until :meth:`finish`.  With the
-defaults (16 MiB parts, window 2) writes may arrive up to 16-32 MiB out of order without
-waiting, which covers ``requests`` batches of 2 MiB in flight.  A fast writer far ahead
-simply waits for the slow one (backpressure), so the caller must eventually write (or
-declare with :meth:`write_zeroes`) every byte of a part before writing ``window`` parts
-beyond it; a hole left open is reported (after ``stall_timeout`` seconds in which nothing
-moved) as an error that names it, never a hang.
+waits until ``low`` moves (backpressure: a fast writer waits for the slow one).  Part 0
+is always writable until :meth:`finish`.  With the defaults (16 MiB parts, window 2)
+writes may land 16-32 MiB ahead of the lowest byte still missing without waiting: the
+copy path's 8-16 reads of up to 2 MiB in flight.  A part goes up only when every byte of
+it was written, so a hole (an alignment gap, the unused tail of a cluster) must be
+declared with :meth:`write_zeroes` before the stream gets ``window`` parts beyond it; a
+hole left open is reported as an error that names it (after ``stall_timeout`` seconds in
+which nothing moved), never a hang.  Past the last write, :meth:`finish` fills zeros.
 
 Memory: at most ``(1 + window + concurrency) * part_size`` bytes of part buffers (part
 0, the parts being filled, the parts being uploaded); :attr:`peak_buffered` reports
@@ -38,7 +39,8 @@ import enum
 from dataclasses import dataclass, field
 
 from backupd.errors import StorageError
-from backupd.objectstore.client import MAX_PARTS, MIN_PART, Buffer, ObjectStore
+from backupd.objectstore.client import ObjectStore
+from backupd.objectstore.objects import MAX_PARTS, MIN_PART, Buffer
 
 DEFAULT_PART_SIZE = 16 << 20
 
