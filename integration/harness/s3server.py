@@ -5,8 +5,8 @@ One replica on one folder: an account, a container and an object server, a proxy
 private memcached, each started by hand on a free loopback port (no systemd, no
 system-wide configuration besides Debian's own ``/etc/swift/swift.conf``, which gives
 the hash suffix and the default storage policy).  Every process is started by this
-module and stopped by its pid (and dies with its parent: ``PR_SET_PDEATHSIG``); each
-writes its log into ``<workdir>/logs/``.
+module and stopped by its pid (and gets SIGKILL should its parent die first: ``setpriv
+--pdeathsig``); each writes its log into ``<workdir>/logs/``.
 
 S3 side: path-style, SigV4, region ``us-east-1``; access keys are tempauth's
 ``account:user``.  Known limits of Swift's s3api (2.30): no ``aws-chunked`` streaming
@@ -19,7 +19,6 @@ needs Content-MD5.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import getpass
 import os
 import secrets
@@ -120,12 +119,6 @@ def _proxy_conf(
     for user, line in users.items():
         text += f"user_{ACCOUNT}_{user} = {line}\n"
     return text
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the process that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _check_xattrs(directory: Path) -> None:
@@ -272,12 +265,13 @@ class SwiftS3Server:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         with open(self.workdir / "logs" / f"{name}.log", "ab") as log:
+            # setpriv (util-linux) sets the parent-death signal and execs the server:
+            # no Python code between fork and exec in a process that has threads
             self._procs[name] = subprocess.Popen(
-                args,
+                ["setpriv", "--pdeathsig", "KILL", "--", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
 
     def _wait_ready(self, ports: list[int]) -> None:
