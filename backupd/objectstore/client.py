@@ -8,7 +8,8 @@ checksums only where an operation requires one (no ``aws-chunked`` streaming bod
 which e.g. Swift refuses), Content-MD5 on DeleteObjects (Swift requires it, botocore
 >= 1.36 no longer sends it), payloads signed over plain HTTP and left unsigned over TLS
 (TLS protects them there; the SHA-256 costs ~0.85 s of CPU per GiB), and no parameter
-validation, so a ``memoryview`` body goes out without a copy.
+validation, so a part goes out as a :class:`~.body.BodyView` of the caller's buffer,
+never copied whole.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from backupd.errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnsupported
-from backupd.objectstore.body import BodyView
+from backupd.objectstore.body import SLICE, BodyView
 from backupd.objectstore.failures import describe
 from backupd.objectstore.objects import (
     MAX_PARTS,
@@ -48,8 +49,10 @@ def _add_content_md5(params: dict[str, Any], **_: Any) -> None:
 
 
 def _body(data: Buffer) -> Any:
-    """The request body botocore passes on to aiohttp (its stubs know no Payload)."""
-    return BodyView(data)
+    """The request body botocore passes on to aiohttp (its stubs know no Payload): small
+    bodies as bytes, large ones as a :class:`BodyView`, which botocore, seeing a file,
+    sends after ``Expect: 100-continue`` (a refusal comes before the body is sent)."""
+    return BodyView(data) if memoryview(data).nbytes > SLICE else bytes(data)
 
 
 def _etag(value: str) -> str:
