@@ -2,9 +2,10 @@
 
     .venv/bin/python -m integration.bench_s3 [--rounds 2] [--cases up8,get2m] [--signed]
 
-Starts a private Swift (``integration.harness.s3server``), seeds one bucket, then runs
-every library in its own process (so imports and peak RSS are its own), alternating
-libraries round by round, and prints medians:
+Needs ``pip install boto3 obstore`` (backupd itself uses only aiobotocore).  Starts a
+private Swift (``integration.harness.s3server``, its proxy with ``--proxy-workers`` 2
+processes), seeds one bucket, then runs every library in its own process (so imports
+and peak RSS are its own), alternating libraries round by round, and prints medians:
 
 - ``upNN``: a multipart upload of 1 GiB from memory in parts of NN MiB, 4 in flight
   (aiobotocore and boto3 through the part API, obstore through its own multipart writer);
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -143,10 +145,10 @@ async def _child(lib: str, cases: Sequence[str]) -> None:
 
 
 def _seed(server: Any, bucket: str) -> None:
-    import boto3
+    import botocore.session
     from botocore.config import Config
 
-    s3 = boto3.client(
+    s3 = botocore.session.get_session().create_client(
         "s3",
         endpoint_url=server.endpoint_url,
         region_name=server.region,
@@ -243,6 +245,12 @@ def main() -> int:
     from integration.harness.s3server import SwiftS3Server
 
     libs = args.libs.split(",")
+    modules = {"aiobotocore": "aiobotocore", "boto3+threads": "boto3", "obstore": "obstore"}
+    for lib in libs:
+        if lib not in modules:
+            parser.error(f"unknown library {lib!r}; choose from {', '.join(modules)}")
+        if importlib.util.find_spec(modules[lib]) is None:
+            parser.error(f"{lib} needs 'pip install {modules[lib]}' (backupd does not use it)")
     with SwiftS3Server(keep_logs=False, proxy_workers=args.proxy_workers) as server:
         bucket = "bench-s3"
         _seed(server, bucket)
