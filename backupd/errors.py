@@ -15,7 +15,16 @@ systemd unit can tell "fix the config" from "try again later" from "the backup f
      │    ├── QemuCommandError
      │    └── QemuTooOldError
      ├── RepositoryError                 repository unreadable/unwritable, bad manifest
-     │    └── ChainError                 a backing chain is broken or unsafe
+     │    ├── ChainError                 a backing chain is broken or unsafe
+     │    └── StorageError               object storage (S3) failed a request
+     │         ├── StorageUnreachable    endpoint down, network cut, TLS failed (after retries)
+     │         ├── StorageAuthError      no credentials, or the server refused them
+     │         ├── StorageAccessDenied   the credentials lack a permission
+     │         ├── BucketNotFound
+     │         ├── ObjectNotFound        no such key (or no such multipart upload)
+     │         ├── StorageQuotaError     entity too large, quota exceeded, storage full
+     │         ├── PreconditionFailed    a conditional write lost (the object exists)
+     │         └── StorageUnsupported    the server does not implement the request
      ├── NotFoundError                   unknown VM, backup id or disk
      └── BackupFailed                    a run failed; nothing was committed
 """
@@ -85,6 +94,50 @@ class RepositoryError(BackupdError):
 
 class ChainError(RepositoryError):
     """A backup's backing chain is broken, missing, or points outside the repository."""
+
+
+class StorageError(RepositoryError):
+    """An object storage request failed; the message names the endpoint or object, the
+    server's error code and what to check.  ``code`` is the S3 error code (or the HTTP
+    status, or the client's error name), ``status`` the HTTP status when there was one.
+    No message ever carries a secret."""
+
+    def __init__(self, message: str, *, code: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class StorageUnreachable(StorageError):
+    """No answer from the endpoint (refused, reset, timed out, TLS failed), retries spent."""
+
+
+class StorageAuthError(StorageError):
+    """No credentials were found, or the server does not accept them."""
+
+
+class StorageAccessDenied(StorageError):
+    """The server knows the credentials but they lack a permission."""
+
+
+class BucketNotFound(StorageError):
+    pass
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class StorageQuotaError(StorageError):
+    """The object is too large, a quota is exceeded or the storage is full."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write did not happen: its condition (e.g. "absent") was false."""
+
+
+class StorageUnsupported(StorageError):
+    """The server does not implement the request (HTTP 501)."""
 
 
 class NotFoundError(BackupdError):

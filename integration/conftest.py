@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from integration.harness.runs import argv
+from integration.harness.s3server import SwiftS3Server
 from integration.harness.vm import QemuVM
 from tests.conftest import sockdir
 
@@ -30,6 +32,27 @@ async def vm(tmp_path: Path, sockdir: Path) -> AsyncIterator[QemuVM]:
         yield machine
     finally:
         await machine.kill()
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftS3Server]:
+    """One real S3 server (Swift with s3api) for the whole test session, started when a
+    test first asks for it; its logs stay in pytest's temporary folder.  Tests make
+    their own bucket (``s3bucket``)."""
+    server = SwiftS3Server(tmp_path_factory.mktemp("swift"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3bucket(s3server: SwiftS3Server) -> str:
+    """A new, empty bucket of its own for one test."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3server.create_bucket(name)
+    return name
 
 
 def write_config(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what backupd and its test suite need on Debian 12 (idempotent):
-# the qemu/NBD packages when missing, then a virtualenv in .venv with the project
-# and its test extras.  Safe to run again; it only adds what is missing.
+# the qemu/NBD packages and the S3 test server (OpenStack Swift) when missing, then a
+# virtualenv in .venv with the project and its test extras.  Safe to run again; it only
+# adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,14 @@ want nbdcopy libnbd-bin
 want systemd-analyze systemd
 want openssl openssl
 want strace strace  # the hostile-repository suite audits opened paths
+# the S3 server of the tests: OpenStack Swift with s3api, and a memcached for it
+want swift-proxy-server swift-proxy
+want swift-object-server swift-object
+want swift-container-server swift-container
+want swift-account-server swift-account
+want swift-ring-builder swift
+want memcached memcached
+[ -d /usr/lib/python3/dist-packages/swift ] || need_pkgs+=(python3-swift)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 
 if ((${#need_pkgs[@]})); then
@@ -25,9 +34,9 @@ if ((${#need_pkgs[@]})); then
     echo "setup: installing Debian packages: ${need_pkgs[*]}"
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        "${need_pkgs[@]}" >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
