@@ -1,11 +1,13 @@
 """``python -m backupd`` and the ``backupd`` command.
 
-SIGTERM is turned into an exception like SIGINT's KeyboardInterrupt before anything else
-is imported, so either signal, even during start-up, ends with one line and the
-documented exit code (130 for SIGINT, 143 for SIGTERM) after the clean-up under way;
-``backupd run`` installs its own handlers on top.  Once the outcome is known, both
-signals are blocked and the process ends with exactly that code: a signal that arrives
-while the interpreter shuts down cannot turn a finished run into a crash.
+SIGINT and SIGTERM are blocked first thing, so one that arrives while the program starts
+waits for a point where it can be handled cleanly: ``backupd run`` unblocks them once
+its event loop handles them (a cancel of the run, which then cleans up), every other verb
+just before it starts (SIGTERM then raises like SIGINT's KeyboardInterrupt).  Either ends
+with one line and the documented exit code (130 for SIGINT, 143 for SIGTERM).  Once the
+outcome is known, both are blocked again and the process ends with exactly that code: a
+signal that arrives while the interpreter shuts down cannot turn a finished run into a
+crash.
 """
 
 import contextlib
@@ -38,6 +40,7 @@ def _exit(code: int) -> None:
 
 
 def entry() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     context = CommandContext(config_path=config_path(args), quiet=args.quiet)
     try:
+        if not getattr(args.command, "HANDLES_SIGNALS", False):
+            # blocked since start-up (backupd.__main__): from here they may interrupt
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         code: int = args.command.execute(args, context)
         return code
     except BackupdError as err:

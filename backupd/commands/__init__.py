@@ -3,7 +3,8 @@
 Every module here exposes ``NAME``, ``HELP``, ``DESCRIPTION`` (help text with examples),
 ``add_arguments(parser)`` and ``execute(args, context) -> int``. :mod:`backupd.cli`
 registers them in the order of :data:`VERBS`; a module that is missing is skipped so the
-command keeps working while a verb is absent.
+command keeps working while a verb is absent.  A verb that unblocks SIGINT/SIGTERM itself
+(at a point where it can handle them) says ``HANDLES_SIGNALS = True``.
 """
 
 from __future__ import annotations
