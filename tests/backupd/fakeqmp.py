@@ -45,6 +45,8 @@ class Hang:
     apply: bool
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set once a released command was carried out and answered
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
     command: str = ""
 
     def release(self) -> None:
@@ -193,6 +195,8 @@ class FakeQmp:
             await hang.released.wait()
         self._reply(writer, reply_id, self._execute(index, command, args))
         await writer.drain()
+        if hang is not None:
+            hang.answered.set()
 
     def _execute(self, index: int, command: str, args: dict[str, Any]) -> dict[str, Any]:
         for failure in self._failures:

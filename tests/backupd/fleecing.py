@@ -52,7 +52,7 @@ class Folders:
     @classmethod
     def under(cls, root: Path) -> Folders:
         sockets = root / "run"
-        sockets.mkdir(mode=0o700, exist_ok=True)
+        sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(root / "scratch", sockets)
 
 

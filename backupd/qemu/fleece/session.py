@@ -205,8 +205,12 @@ class FleeceSession(ABC):
             log.warning("cannot record the session state in %s: %s", self.scratch_dir, exc)
 
     async def _resume(self) -> None:
+        """Resume the vCPUs; runs to its end even while the run is being cancelled."""
+        await run_to_completion(self._cont())
+
+    async def _cont(self) -> None:
         try:
-            await run_to_completion(self.monitor.execute("cont"))
+            await self.monitor.execute("cont")
         except QemuError as exc:
             log.error("could not resume the VM after taking the point in time: %s", exc)
             return
