@@ -4,6 +4,8 @@ never pointed at the node it has (qemu aborts on that)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from backupd.errors import QemuCommandError, QemuError
@@ -236,3 +238,17 @@ async def test_cancel_job_waits_for_its_end(
     await delete_node(monitor, "backupd-scratch-0")
     assert sorted(n for n in qemu.nodes if not n.startswith("#")) == ["drive-vda", "drive-vdb"]
     assert len(qemu.nodes) == 4  # the disks and their file nodes: the inline child went too
+
+
+async def test_only_its_own_event_ends_the_wait(
+    qemu: FakeQemu, fake: FakeQmp, monitor: QemuMonitor
+) -> None:
+    fake.export_delete_delay = 0.3
+    await export_vda(monitor, fake)
+    task = asyncio.create_task(delete_export(monitor, "e"))
+    await asyncio.sleep(0.1)
+    await fake.send_event("BLOCK_EXPORT_DELETED", {"id": "another"})
+    await asyncio.sleep(0.05)
+    assert not task.done() and "e" in qemu.exports
+    await task
+    assert qemu.exports == {}

@@ -21,6 +21,7 @@ from tests.backupd.fakeqemu import FakeQemu
 from tests.backupd.fakeqmp import FakeQmp
 from tests.backupd.fleecing import (
     NEW,
+    PARENT,
     Folders,
     forget_new_bitmap,
     new_session,
@@ -44,8 +45,7 @@ async def setup_commands(tmp_path: Path, sockdir: Path, method: str, parent: boo
 async def _session(
     monitor: QemuMonitor, folders: Folders, method: str, parent: bool
 ) -> FleeceSession:
-    kwargs = {} if parent else {"parent": None}
-    return await new_session(monitor, folders, method=method, **kwargs)  # type: ignore[arg-type]
+    return await new_session(monitor, folders, method=method, parent=PARENT if parent else None)
 
 
 async def cancel_at(

@@ -10,7 +10,6 @@ from typing import NamedTuple
 import pytest
 
 from backupd.errors import QemuError
-from backupd.qemu.fleece import scratch
 from backupd.qemu.fleece.names import STATE_FILE
 from backupd.qemu.fleece.scratch import (
     SessionState,
@@ -85,8 +84,12 @@ class Usage(NamedTuple):
 
 
 def test_a_full_scratch_area_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: Usage(1 << 30, 1 << 30, 4096))
+    monkeypatch.setattr(
+        "backupd.qemu.fleece.scratch.shutil.disk_usage", lambda path: Usage(1 << 30, 1 << 30, 4096)
+    )
     why = scratch_full(tmp_path)
     assert why is not None and why.startswith(f"the scratch area {tmp_path} is full (4096 bytes")
-    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: Usage(1 << 30, 0, 8 << 20))
+    monkeypatch.setattr(
+        "backupd.qemu.fleece.scratch.shutil.disk_usage", lambda path: Usage(1 << 30, 0, 8 << 20)
+    )
     assert scratch_full(tmp_path) is None

@@ -21,7 +21,7 @@ async def _work(release: asyncio.Event, outcome: BaseException | None, done: lis
 async def _cancelled_while_waiting(
     outcome: BaseException | None,
 ) -> tuple[BaseException, list[str]]:
-    release, done = asyncio.Event(), []
+    release, done = asyncio.Event(), list[str]()
     task = asyncio.create_task(run_to_completion(_work(release, outcome, done)))
     await asyncio.sleep(0.01)
     task.cancel()
