@@ -53,7 +53,7 @@ async def cancel_at(
 ) -> None:
     qemu = two_disk_vm()
     folders = Folders.under(tmp_path / f"run-{k}-{apply}")
-    async with served(qemu, sockdir, timeout=1.0) as (fake, monitor):
+    async with served(qemu, sockdir, timeout=0.5) as (fake, monitor):
         before = qemu.snapshot()
         session = await _session(monitor, folders, method, parent)
         hang = fake.hang(nth=k, apply=apply)
