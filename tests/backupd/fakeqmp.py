@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.backupd.fakeqemu import Crash, FakeQemu, QmpError
 
-Match = Callable[[int, str, dict[str, Any]], bool]
+Match = Callable[[str, dict[str, Any]], bool]
 
 
 @dataclass
@@ -60,7 +60,7 @@ def matcher(
     ``where`` (and with ``on``, every such call after it too)."""
     seen = 0
 
-    def match(index: int, name: str, args: dict[str, Any]) -> bool:
+    def match(name: str, args: dict[str, Any]) -> bool:
         nonlocal seen
         if (command is None or name == command) and where(args):
             seen += 1
@@ -183,26 +183,26 @@ class FakeQmp:
         if command == "qmp_capabilities":
             self._reply(writer, reply_id, {"return": {}})
             return
-        index = len(self.commands)
         self.commands.append((command, args))
         self.timeline.append(f"-> {command} {json.dumps(args, sort_keys=True)}")
-        hang = next((h for h in self._hangs if h.match(index, command, args)), None)
+        # every hook sees every call (each counts its own matches)
+        hang = next(iter([h for h in self._hangs if h.match(command, args)]), None)
         if hang is not None:
             hang.command = command
             hang.reached.set()
             if not hang.apply:
                 return
             await hang.released.wait()
-        self._reply(writer, reply_id, self._execute(index, command, args))
+        self._reply(writer, reply_id, self._execute(command, args))
         await writer.drain()
         if hang is not None:
             hang.answered.set()
 
-    def _execute(self, index: int, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        for failure in self._failures:
-            if failure.match(index, command, args) and failure.times > 0:
-                failure.times -= 1
-                return {"error": {"class": failure.error_class, "desc": failure.desc}}
+    def _execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        failing = [f for f in self._failures if f.match(command, args) and f.times > 0]
+        if failing:
+            failing[0].times -= 1
+            return {"error": {"class": failing[0].error_class, "desc": failing[0].desc}}
         try:
             result = self.qemu.execute(command, args)
         except QmpError as exc:
