@@ -31,7 +31,8 @@ from backupd.logs import human_bytes
 from backupd.manifest import DiskRecord, Manifest
 from backupd.planning import Plan, plan_backup
 from backupd.private import private_dir
-from backupd.qemu.fleece import FleeceSession, cleanup_leftovers, remove_bitmap
+from backupd.qemu.blockops import remove_bitmap
+from backupd.qemu.fleece import cleanup_leftovers, fleece_session
 from backupd.qemu.guest_agent import GuestAgent
 from backupd.qemu.inventory import Disk, check_version, select_disks
 from backupd.qemu.qmp import QemuMonitor
@@ -197,7 +198,7 @@ class BackupRun:
         """Point in time, copy, commit; on any failure before the commit nothing stays."""
         staged = self.repo.stage(backup)
         socket_dir = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_base(self.config)))
-        session = FleeceSession(
+        session = fleece_session(
             self.monitor,
             self.disks,
             backup_id=backup,
@@ -234,7 +235,7 @@ class BackupRun:
                 socket_dir.rmdir()
             if not committed:
                 staged.abort()
-                if session.transaction_done:
+                if session.new_bitmap_sent:
                     await self._forget_bitmap(self.names.name(backup))
 
     def _quiesced(self, frozen: bool) -> None:

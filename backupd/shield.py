@@ -17,21 +17,18 @@ T = TypeVar("T")
 
 async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` to its end even if this task is cancelled meanwhile; a cancellation
-    that arrived while waiting is raised afterwards."""
+    that arrived while waiting is raised afterwards (also when ``work`` failed: its error
+    is then the cancellation's cause)."""
     task = asyncio.ensure_future(work)
     cancelled = False
-    while True:
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
-            break
+            await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
-                if task.cancelled():
-                    raise
-                result = task.result()
-                cancelled = True
-                break
-            cancelled = True
+            cancelled = cancelled or not task.cancelled()
+        except BaseException:
+            if not task.done():
+                raise
     if cancelled:
-        raise asyncio.CancelledError
-    return result
+        raise asyncio.CancelledError from (None if task.cancelled() else task.exception())
+    return task.result()

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from backupd.config import load_config
-from backupd.qemu.fleece import FleeceSession
+from backupd.qemu.fleece import fleece_session
 from backupd.qemu.inventory import select_disks
 from backupd.qemu.qmp import QemuMonitor
 from integration.harness.servers import qemu_nbd
@@ -149,11 +149,12 @@ class Bench:
         try:
             disks = await select_disks(monitor, None)
             sockdir = Path(tempfile.mkdtemp(dir=self.sockets))
-            async with FleeceSession(
+            async with fleece_session(
                 monitor,
                 disks,
                 backup_id="bench",
-                parent_id=None,
+                bitmap="backupd-bench",
+                parent_bitmap=None,
                 scratch_dir=cfg.scratch_dir,
                 socket_dir=sockdir,
             ) as ex:
