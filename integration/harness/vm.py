@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 MiB = 1 << 20
 
@@ -92,8 +92,16 @@ class QemuVM:
             await asyncio.sleep(0.05)
         else:
             raise RuntimeError("qemu did not create its QMP socket in 10 s")
-        self.qmp = QMPClient("harness")
-        await self.qmp.connect(str(self.harness_qmp))
+        # qemu creates the socket file a moment before it listens on it
+        for attempt in range(100):
+            self.qmp = QMPClient("harness")
+            try:
+                await self.qmp.connect(str(self.harness_qmp))
+                break
+            except ConnectError:
+                if attempt == 99 or self.proc.poll() is not None:
+                    raise
+                await asyncio.sleep(0.05)
         return self
 
     async def hmp(self, command: str) -> str:
