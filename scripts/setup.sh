@@ -17,6 +17,11 @@ want nbdinfo libnbd-bin
 want nbdcopy libnbd-bin
 want systemd-analyze systemd
 want openssl openssl
+want cpio cpio  # scripts/build-guest.sh packs the Linux test guest's initrd
+# the guest's ext4 disks are made and checked with e2fsprogs, called by path
+for tool in mke2fs e2fsck dumpe2fs debugfs; do
+    [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || need_pkgs+=(e2fsprogs)
+done
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 
 if ((${#need_pkgs[@]})); then
