@@ -6,13 +6,16 @@ leaves (clean after journal replay); either way the records are an exact prefix.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from integration.conftest import BootGuest, backupd
+from integration.conftest import BootGuest, MiB, backupd
 from integration.harness.chain import qemu_img_check
 from integration.harness.ext4 import (
     Ext4Point,
@@ -23,6 +26,7 @@ from integration.harness.ext4 import (
     read_file,
 )
 from integration.harness.guest import LinuxGuest
+from integration.harness.qga import AgentError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -67,6 +71,8 @@ async def test_guest_boots_and_its_agent_freezes_and_thaws(
     assert await guest.agent("guest-fsfreeze-status") == "thawed"
     assert await guest.agent("guest-fsfreeze-freeze") == 1  # /data, the only real fs
     assert await guest.agent("guest-fsfreeze-status") == "frozen"
+    with pytest.raises(AgentError, match="frozen"):  # stop() then falls back to QMP quit
+        await guest.agent("guest-shutdown")
     assert await guest.agent("guest-fsfreeze-thaw") == 1
     assert await guest.agent("guest-fsfreeze-status") == "thawed"
     assert await guest.stop(), guest.console()  # unmounted: a clean fs, no records
@@ -137,3 +143,52 @@ async def test_newest_point_boots_and_the_workload_carries_on(
     raw = tmp_path / "after.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
     assert check_quiesced(raw).records >= saved + 40
+
+
+async def make_freeze_slow(guest: LinuxGuest, dirty_mib: int = 6) -> None:
+    """Leave DIRTY_MIB MiB of unwritten data in the guest's page cache and let its disk
+    write 1 MiB/s: the next fs-freeze, which writes it out first, takes seconds."""
+    assert guest.qmp is not None
+    limits = {"bps": 0, "bps_rd": 0, "bps_wr": MiB, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+    device = "/machine/peripheral/vda/virtio-backend"
+    await guest.qmp.execute("block_set_io_throttle", {"id": device, **limits})
+    argv = ["if=/dev/zero", "of=/data/fill", "bs=1M", f"count={dirty_mib}"]
+    started = await guest.agent("guest-exec", {"path": "/bin/dd", "arg": argv})
+    for _ in range(300):
+        status = await guest.agent("guest-exec-status", {"pid": started["pid"]})
+        if status["exited"]:
+            assert status["exitcode"] == 0, status
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("dd in the guest did not finish in 30 s")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_run_interrupted_while_the_guest_freezes_leaves_it_thawed(
+    linux_guest: LinuxGuest, config_for: Callable[..., Path], signum: signal.Signals
+) -> None:
+    """A signal while qemu-ga is still freezing (the freeze is made slow: dirty data, a
+    throttled disk): once backupd has exited, the guest is thawed and writing."""
+    guest = linux_guest
+    config = config_for(guest, guest_agent=str(guest.agent_path))
+    await make_freeze_slow(guest)
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backupd", "-c", str(config), "run", "--vm", "guest1",
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert run.stderr is not None
+    log = b""
+    while b" backup " not in log:  # the plan is logged just before the freeze
+        line = await asyncio.wait_for(run.stderr.readline(), 60)
+        assert line, log.decode()
+        log += line
+    await asyncio.sleep(1.0)  # the freeze (about 6 s) is under way
+    run.send_signal(signum)
+    log += await asyncio.wait_for(run.stderr.read(), 60)
+    assert await run.wait() != 0, log.decode()
+    # qemu-ga answers once the freeze (and any thaw sent after it) is done
+    assert await guest.agent("guest-fsfreeze-status") == "thawed", log.decode()
+    await guest.wait_records(guest.records_marked() + 20, timeout=30)
+    again = backupd(config, "run", "--vm", "guest1")
+    assert again.returncode == 0, again.stderr
+    assert "guest file systems frozen (1)" in again.stderr, again.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import signal
 import subprocess
@@ -21,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
+from integration.harness import qga
 from integration.harness.ext4 import make_ext4
+from integration.harness.qga import AgentError
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -180,21 +181,8 @@ class LinuxGuest:
             await asyncio.sleep(0.1)
 
     async def agent(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """One qemu-ga command in a session of its own (guest-sync first, so a stale
-        reply from an earlier session cannot be taken for this one's)."""
-        client = QMPClient("harness-agent")
-        client.await_greeting = False
-        client.negotiate = False
-        await asyncio.wait_for(client.connect(str(self.agent_path)), 10)
-        try:
-            token = random.getrandbits(31)
-            synced = await asyncio.wait_for(client.execute("guest-sync", {"id": token}), 30)
-            if synced != token:
-                raise GuestError(f"qemu-ga answered guest-sync {token} with {synced}")
-            return await asyncio.wait_for(client.execute(command, arguments), 60)
-        finally:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        """One qemu-ga command (harness/qga.py); AgentError when qemu-ga refuses it."""
+        return await qga.execute(self.agent_path, command, arguments)
 
     async def stop(self, timeout: float = 60) -> bool:
         """Graceful stop: qemu-ga ``guest-shutdown`` (the guest stops its workload,
@@ -204,14 +192,12 @@ class LinuxGuest:
         if self.proc is None:
             return False
         try:
-            await asyncio.wait_for(self.agent("guest-shutdown"), 10)
+            await self.agent("guest-shutdown")
             refused = False
-        except TimeoutError:
-            refused = False  # guest-shutdown sends no reply when it succeeds
-        except ExecuteError:
+        except AgentError:
             refused = True
-        except Exception:  # the connection ended: the guest may be powering off
-            refused = False
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            refused = False  # the connection ended: the guest may be powering off
         clean = not refused and await self._exited(timeout)
         if not clean and self.qmp is not None:
             with contextlib.suppress(Exception):
