@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from integration.harness import qga
 from integration.harness.ext4 import make_ext4
@@ -118,17 +118,26 @@ class LinuxGuest:
         log = open(self.workdir / "qemu.out", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(self._args(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        self.qmp = await self._connect_qmp()
+        return self
+
+    async def _connect_qmp(self) -> QMPClient:
+        """The harness's QMP session, once qemu listens (the socket file appears at
+        bind(), a moment before listen(): a refused connection is retried)."""
+        assert self.proc is not None
         for _ in range(200):
-            if self.harness_qmp.exists():
-                break
             if self.proc.poll() is not None:
                 raise GuestError(f"qemu exited: {(self.workdir / 'qemu.out').read_text()}")
-            await asyncio.sleep(0.05)
-        else:
-            raise GuestError("qemu did not create its QMP socket in 10 s")
-        self.qmp = QMPClient("harness")
-        await self.qmp.connect(str(self.harness_qmp))
-        return self
+            if not self.harness_qmp.exists():
+                await asyncio.sleep(0.05)
+                continue
+            client = QMPClient("harness")
+            try:
+                await client.connect(str(self.harness_qmp))
+                return client
+            except ConnectError:
+                await asyncio.sleep(0.05)
+        raise GuestError("qemu did not accept QMP connections in 10 s")
 
     def console(self) -> str:
         try:
@@ -183,6 +192,18 @@ class LinuxGuest:
     async def agent(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """One qemu-ga command (harness/qga.py); AgentError when qemu-ga refuses it."""
         return await qga.execute(self.agent_path, command, arguments)
+
+    async def run(self, argv: list[str], timeout: float = 30) -> int:
+        """Run ARGV in the guest (qemu-ga guest-exec); returns its exit code."""
+        started = await self.agent("guest-exec", {"path": argv[0], "arg": argv[1:]})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            status = await self.agent("guest-exec-status", {"pid": started["pid"]})
+            if status["exited"]:
+                return int(status.get("exitcode", -1))
+            await asyncio.sleep(0.1)
+        raise self._failure(f"{argv} did not finish in the guest in {timeout:g} s")
 
     async def stop(self, timeout: float = 60) -> bool:
         """Graceful stop: qemu-ga ``guest-shutdown`` (the guest stops its workload,
