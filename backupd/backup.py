@@ -1,14 +1,15 @@
 """One backup run of one VM, from lock to bitmap rotation.
 
-lock -> QMP -> clean leftovers of a killed run -> plan -> stage -> (freeze) one
-transaction (thaw) -> export -> copy all disks in parallel -> teardown -> commit ->
-rotate bitmaps.  If anything fails before the commit, the new bitmap is removed and
-the parent's keeps recording, so the next run captures every change: nothing is lost.
+:class:`BackupRun` reads top to bottom: take the locks; connect to qemu (and the guest
+agent, thawing a guest left frozen); clean what a killed run left; plan full or
+incremental; take the point in time (file systems frozen around it) and export the
+views; copy every disk; commit; rotate the bitmaps.  If anything fails before the
+commit, the new bitmap is removed and the parent's keeps recording, so the next run
+captures every change: nothing is lost.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -16,29 +17,27 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backupd.bitmaps import CheckpointNames
 from backupd.config import Config, VMConfig
+from backupd.copying import copy_disks
 from backupd.errors import BackupFailed, QemuError, RepositoryError
 from backupd.faults import checkpoint
+from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
 from backupd.manifest import DiskRecord, Manifest
 from backupd.planning import Plan, plan_backup
-from backupd.progress import Progress
-from backupd.qemu.fleece import (
-    DiskExport,
-    FleeceSession,
-    bitmap_name,
-    cleanup_leftovers,
-    remove_bitmap,
-)
+from backupd.private import private_dir
+from backupd.qemu.fleece import FleeceSession, cleanup_leftovers, remove_bitmap
 from backupd.qemu.guest_agent import GuestAgent
-from backupd.qemu.inventory import BITMAP_PREFIX, Disk, check_version, select_disks
+from backupd.qemu.inventory import Disk, check_version, select_disks
 from backupd.qemu.qmp import QemuMonitor
-from backupd.repository import Repository, VMRepository
-from backupd.transfer import run_pool, transfer_disk
+from backupd.quiesce import freeze_window, open_agent
+from backupd.repository import Repository, StagedBackup
+from backupd.shield import run_to_completion
 
 log = logging.getLogger("backupd")
 
@@ -55,55 +54,247 @@ class RunHooks:
 
 @dataclass
 class RunResult:
+    """What a run got to: filled in as it goes, so a failed run still says how far."""
+
     vm: str
     manifest: Manifest | None = None
     plan: Plan | None = None
     disks: list[str] = field(default_factory=list)
     duration: float = 0.0
+    #: the file systems were frozen at the point in time (else crash-consistent)
+    quiesced: bool = False
+
+    @property
+    def consistency(self) -> str:
+        return "quiesced" if self.quiesced else "crash-consistent"
 
 
-def _runtime_dir(config: Config) -> Path:
-    """A private 0700 folder for the NBD socket."""
+def runtime_base(config: Config) -> Path:
+    """The folder for backupd's sockets and host locks (private, 0700)."""
     base = config.runtime_dir
     if base is None:
         run = Path("/run/backupd")
-        base = run if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="nbd-", dir=base))
+        base = run if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / "backupd"
+    return private_dir(base, "runtime_dir")
 
 
-def _chain_length(repo: VMRepository, latest: Manifest | None) -> int:
-    if latest is None:
-        return 0
-    try:
-        return len(repo.chain(latest.id)) - 1
-    except RepositoryError:
-        return 1 << 30  # a broken chain: start a new one
+class BackupRun:
+    """One backup of one VM; :meth:`execute` is the whole run."""
 
+    def __init__(
+        self,
+        config: Config,
+        vm: VMConfig,
+        mode: str = "auto",
+        *,
+        progress_mode: str = "none",
+        hooks: RunHooks | None = None,
+        result: RunResult | None = None,
+    ) -> None:
+        self.config = config
+        self.vm = vm
+        self.mode = mode
+        self.progress_mode = progress_mode
+        self.hooks = hooks or RunHooks()
+        self.result = result or RunResult(vm.name)
+        self.root = Repository(config.repository)
+        self.repo = self.root.vm(vm.name)
+        self.scratch_dir = config.scratch_dir / vm.name
+        self.started = time.monotonic()
+        self.monitor = QemuMonitor(vm.qmp_address, timeout=vm.timeout)
+        self.agent: GuestAgent | None = None
+        self.names = CheckpointNames("")
+        self.disks: list[Disk] = []
 
-async def _quiesce(vm: VMConfig, state: dict[str, bool]) -> tuple[Hook | None, Hook | None]:
-    if not vm.guest_agent:
-        return None, None
-    agent = GuestAgent(vm.guest_agent, timeout=10.0)
+    async def execute(self) -> Manifest:
+        purpose = f"backupd run --vm {self.vm.name}"
+        host_lock = host_lock_path(runtime_base(self.config), self.vm.qmp)
+        with self.repo.lock(purpose=purpose), vm_lock(host_lock, self.vm.name, purpose=purpose):
+            checkpoint("after-lock")
+            async with self._connected():
+                plan = await self._prepare()
+                backup = self.repo.new_id()
+                self._announce(backup, plan)
+                checkpoint("after-plan")
+                manifest = await self._take(backup, plan)
+                self.result.manifest = manifest
+                # committed: finish the rotation (milliseconds) even when interrupted now
+                await run_to_completion(self._rotate(self.names.name(backup), plan))
+                checkpoint("after-rotate")
+        self.result.duration = time.monotonic() - self.started
+        log.info(
+            "%s: backup %s committed: %s copied, %s stored, %s",
+            self.vm.name,
+            manifest.id,
+            human_bytes(manifest.bytes_copied),
+            human_bytes(manifest.bytes_stored),
+            self.result.consistency,
+        )
+        return manifest
 
-    async def freeze() -> None:
+    @contextlib.asynccontextmanager
+    async def _connected(self) -> AsyncIterator[None]:
+        """QMP and the guest agent, closed on every way out."""
+        await self.monitor.connect()
         try:
-            count = await agent.freeze()
-            state["quiesced"] = count > 0
-            log.info("%s: guest file systems frozen (%d)", vm.name, count)
-        except QemuError as exc:
-            log.warning(
-                "%s: guest agent unavailable (%s); the backup is crash-consistent", vm.name, exc
-            )
-            await agent.thaw()
+            check_version(self.monitor.version)
+            self.agent = await open_agent(self.vm)
+            yield
+        finally:
+            if self.agent is not None:
+                await run_to_completion(self.agent.close())
+            await run_to_completion(self.monitor.close())
 
-    async def thaw() -> None:
-        was_frozen = agent.frozen
-        await agent.thaw()
-        if was_frozen:
-            log.info("%s: guest file systems thawed", vm.name)
+    async def _prepare(self) -> Plan:
+        """Remove what a killed run left, find the disks, decide full or incremental."""
+        for stale in self.repo.staging():
+            log.warning("%s: removing %s left by an interrupted run", self.vm.name, stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        private_dir(self.scratch_dir, "scratch_dir")
+        self.names = CheckpointNames(self.root.identity())
+        latest = self.repo.latest()
+        owned = set(self.names.candidates(latest.id)) if latest is not None else set()
 
-    return freeze, thaw
+        def leftover(name: str) -> bool:
+            return self.names.owns(name) and name not in owned
+
+        for item in await cleanup_leftovers(self.monitor, leftover, self.scratch_dir):
+            log.warning("%s: removed leftover %s", self.vm.name, item)
+        checkpoint("after-cleanup")
+        self.disks = await select_disks(self.monitor, self.vm.disks)
+        self.result.disks = [d.name for d in self.disks]
+        plan = plan_backup(
+            self.mode, latest, self._chain_length(latest), self.disks, self.vm.max_chain, self.names
+        )
+        self.result.plan = plan
+        return plan
+
+    def _chain_length(self, latest: Manifest | None) -> int | None:
+        """Incrementals since the full; None for a broken chain (a new full follows)."""
+        if latest is None:
+            return 0
+        try:
+            return len(self.repo.chain(latest.id)) - 1
+        except RepositoryError as exc:
+            log.warning("%s: %s", self.vm.name, exc)
+            return None
+
+    def _announce(self, backup: str, plan: Plan) -> None:
+        log.info(
+            "%s: %s backup %s of %s: %s",
+            self.vm.name,
+            plan.kind,
+            backup,
+            ", ".join(d.name for d in self.disks),
+            plan.reason,
+        )
+
+    async def _take(self, backup: str, plan: Plan) -> Manifest:
+        """Point in time, copy, commit; on any failure before the commit nothing stays."""
+        staged = self.repo.stage(backup)
+        socket_dir = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_base(self.config)))
+        session = FleeceSession(
+            self.monitor,
+            self.disks,
+            backup_id=backup,
+            bitmap=self.names.name(backup),
+            parent_bitmap=plan.parent_bitmap,
+            scratch_dir=self.scratch_dir,
+            socket_dir=socket_dir,
+            method=self.vm.fleecing,
+            quiesce=freeze_window(self.vm, self.agent, self._quiesced),
+        )
+        committed = False
+        try:
+            async with session as exports:
+                checkpoint("after-export")
+                if self.hooks.after_point_in_time is not None:
+                    await self.hooks.after_point_in_time()
+                try:
+                    records = await copy_disks(
+                        exports, staged.path, plan, self.vm, self.progress_mode
+                    )
+                except BackupFailed as exc:
+                    # a view that broke because the scratch area filled up: say so
+                    why = session.scratch_full()
+                    if why is None:
+                        raise
+                    raise BackupFailed(f"{exc}; {why}") from exc
+                checkpoint("after-copy")
+            checkpoint("after-teardown")
+            manifest = await self._commit(staged, backup, plan, records)
+            committed = True
+            return manifest
+        finally:
+            with contextlib.suppress(OSError):
+                socket_dir.rmdir()
+            if not committed:
+                staged.abort()
+                if session.transaction_done:
+                    await self._forget_bitmap(self.names.name(backup))
+
+    def _quiesced(self, frozen: bool) -> None:
+        self.result.quiesced = frozen
+
+    async def _commit(
+        self, staged: StagedBackup, backup: str, plan: Plan, records: list[DiskRecord]
+    ) -> Manifest:
+        if self.hooks.before_commit is not None:
+            await self.hooks.before_commit()
+        manifest = Manifest(
+            id=backup,
+            vm=self.vm.name,
+            kind=plan.kind,
+            parent=plan.parent.id if plan.parent else None,
+            created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            qemu_version=self.monitor.version_text,
+            reason=plan.reason,
+            quiesced=self.result.quiesced,
+            duration=round(time.monotonic() - self.started, 3),
+            disks={r.name: r for r in records},
+        )
+        checkpoint("before-manifest")
+        staged.commit(manifest)
+        checkpoint("after-commit")
+        return manifest
+
+    async def _forget_bitmap(self, name: str) -> None:
+        """After a failure: drop the new bitmap; the parent's still records every change.
+        Runs to its end even while the run is being cancelled."""
+
+        async def forget() -> None:
+            for disk in self.disks:
+                try:
+                    await remove_bitmap(self.monitor, disk.node, name)
+                except QemuError as exc:
+                    log.warning(
+                        "could not remove bitmap %s on %s (%s); the next run removes it",
+                        name,
+                        disk.name,
+                        exc,
+                    )
+
+        await run_to_completion(forget())
+
+    async def _rotate(self, keep: str, plan: Plan) -> None:
+        """After the commit only the new bitmap of this repository keeps recording (and the
+        parent's, when it had the name from before repository ids, goes too)."""
+        for disk in self.disks:
+            for bitmap in disk.bitmaps:
+                name = bitmap.name
+                if name == keep or not (self.names.owns(name) or name == plan.parent_bitmap):
+                    continue
+                try:
+                    await remove_bitmap(self.monitor, disk.node, name)
+                    checkpoint("mid-rotate")
+                except QemuError as exc:
+                    log.warning(
+                        "%s: could not remove old bitmap %s on %s (%s); the next run removes it",
+                        self.vm.name,
+                        name,
+                        disk.name,
+                        exc,
+                    )
 
 
 async def run_backup(
@@ -116,231 +307,5 @@ async def run_backup(
     result: RunResult | None = None,
 ) -> Manifest:
     """Take one backup of ``vm``; returns the committed manifest."""
-    hooks = hooks or RunHooks()
-    result = result or RunResult(vm.name)
-    repo = Repository(config.repository).vm(vm.name)
-    started = time.monotonic()
-    with repo.lock(purpose=f"backupd run --vm {vm.name}"):
-        checkpoint("after-lock")
-        monitor = QemuMonitor(vm.qmp_address, timeout=vm.timeout)
-        await monitor.connect()
-        try:
-            check_version(monitor.version)
-            return await _run_locked(
-                config, vm, mode, repo, monitor, progress_mode, hooks, result, started
-            )
-        finally:
-            await monitor.close()
-
-
-async def _run_locked(
-    config: Config,
-    vm: VMConfig,
-    mode: str,
-    repo: VMRepository,
-    monitor: QemuMonitor,
-    progress_mode: str,
-    hooks: RunHooks,
-    result: RunResult,
-    started: float,
-) -> Manifest:
-    scratch_dir = config.scratch_dir / vm.name
-    for stale in repo.staging():
-        log.warning("%s: removing %s left by an interrupted run", vm.name, stale.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    latest = repo.latest()
-    owned = {bitmap_name(latest.id)} if latest is not None else set()
-    for item in await cleanup_leftovers(monitor, owned, scratch_dir):
-        log.warning("%s: removed leftover %s", vm.name, item)
-    checkpoint("after-cleanup")
-    disks = await select_disks(monitor, vm.disks)
-    result.disks = [d.name for d in disks]
-    plan = plan_backup(mode, latest, _chain_length(repo, latest), disks, vm.max_chain)
-    result.plan = plan
-    backup = repo.new_id()
-    log.info(
-        "%s: %s backup %s of %s: %s",
-        vm.name,
-        plan.kind,
-        backup,
-        ", ".join(d.name for d in disks),
-        plan.reason,
-    )
-    checkpoint("after-plan")
-    staged = repo.stage(backup)
-    socket_dir = _runtime_dir(config)
-    state = {"quiesced": False}
-    freeze, thaw = await _quiesce(vm, state)
-    session = FleeceSession(
-        monitor,
-        disks,
-        backup_id=backup,
-        parent_id=plan.parent.id if plan.parent else None,
-        scratch_dir=scratch_dir,
-        socket_dir=socket_dir,
-        method=vm.fleecing,
-        before_transaction=freeze,
-        after_transaction=thaw,
-    )
-    committed = False
-    try:
-        async with session as exports:
-            checkpoint("after-export")
-            if hooks.after_point_in_time is not None:
-                await hooks.after_point_in_time()
-            try:
-                records = await _copy_all(exports, staged.path, plan, vm, progress_mode)
-            except BackupFailed as exc:
-                # a view that broke because the scratch area filled up: say so
-                why = session.scratch_full()
-                if why is None:
-                    raise
-                raise BackupFailed(f"{exc}; {why}") from exc
-            checkpoint("after-copy")
-        checkpoint("after-teardown")
-        if hooks.before_commit is not None:
-            await hooks.before_commit()
-        manifest = Manifest(
-            id=backup,
-            vm=vm.name,
-            kind=plan.kind,
-            parent=plan.parent.id if plan.parent else None,
-            created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            qemu_version=monitor.version_text,
-            reason=plan.reason,
-            quiesced=state["quiesced"],
-            duration=round(time.monotonic() - started, 3),
-            disks={r.name: r for r in records},
-        )
-        checkpoint("before-manifest")
-        staged.commit(manifest)
-        committed = True
-        checkpoint("after-commit")
-    finally:
-        with contextlib.suppress(OSError):
-            socket_dir.rmdir()
-        if not committed:
-            staged.abort()
-            if session.transaction_done:
-                await _forget_bitmap(monitor, disks, bitmap_name(backup))
-    result.manifest = manifest
-    await _rotate(monitor, disks, bitmap_name(backup), vm.name)
-    checkpoint("after-rotate")
-    result.duration = time.monotonic() - started
-    log.info(
-        "%s: backup %s committed: %s copied, %s stored%s",
-        vm.name,
-        backup,
-        human_bytes(manifest.bytes_copied),
-        human_bytes(manifest.bytes_stored),
-        "" if manifest.quiesced else " (crash-consistent)",
-    )
-    return manifest
-
-
-async def _copy_all(
-    exports: list[DiskExport],
-    folder: Path,
-    plan: Plan,
-    vm: VMConfig,
-    progress_mode: str,
-) -> list[DiskRecord]:
-    bars: list[Progress] = []
-    pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
-
-    async def one(export: DiskExport) -> DiskRecord:
-        bar: Progress | None = None
-
-        def on_total(total: int) -> None:
-            nonlocal bar
-            if progress_mode != "none":
-                bar = Progress(f"{vm.name}/{export.disk.name}", total, mode=progress_mode)
-                bars.append(bar)
-
-        def on_progress(n: int) -> None:
-            if bar is not None:
-                bar.update(n)
-
-        backing = f"../{plan.parent.id}/{export.disk.name}.qcow2" if plan.parent else None
-        return await transfer_disk(
-            name=export.disk.name,
-            node=export.disk.node,
-            uri=export.uri,
-            dirty_context=export.dirty_context,
-            path=folder / f"{export.disk.name}.qcow2",
-            backing_file=backing,
-            settings=vm.transfer,
-            # a stalled qemu fails the run instead of hanging it
-            request_timeout=max(vm.timeout, 5.0),
-            progress=on_progress,
-            on_total=on_total,
-            pool=pool,
-        )
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(e)) for e in exports]
-    except BaseExceptionGroup as group_error:
-        # one clear error: the first failure that is not a consequence of cancelling
-        cause = _first_cause(group_error)
-        if isinstance(cause, asyncio.CancelledError):
-            raise cause from None
-        raise _as_backup_error(cause) from cause
-    finally:
-        for bar in bars:
-            bar.close()
-    return [t.result() for t in tasks]
-
-
-def _first_cause(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
-        exc = (inner or list(exc.exceptions))[0]
-    return exc
-
-
-def _as_backup_error(exc: BaseException) -> BaseException:
-    from nbdclient import NBDError
-
-    exc = _first_cause(exc)
-    if isinstance(exc, NBDError):
-        return BackupFailed(f"reading the disk over NBD failed: {exc}")
-    if isinstance(exc, OSError):
-        return BackupFailed(
-            f"writing the backup failed: {exc.strerror or exc}"
-            f"{': ' + str(exc.filename) if exc.filename else ''}"
-        )
-    return exc
-
-
-async def _forget_bitmap(monitor: QemuMonitor, disks: list[Disk], name: str) -> None:
-    """After a failure: drop the new bitmap; the parent's still records every change."""
-    for disk in disks:
-        try:
-            await asyncio.shield(remove_bitmap(monitor, disk.node, name))
-        except (QemuError, asyncio.CancelledError) as exc:
-            log.warning(
-                "could not remove bitmap %s on %s (%s); the next run removes it",
-                name,
-                disk.name,
-                exc,
-            )
-
-
-async def _rotate(monitor: QemuMonitor, disks: list[Disk], keep: str, vm: str) -> None:
-    """After the commit: only the new bitmap keeps recording."""
-    for disk in disks:
-        for bitmap in disk.bitmaps:
-            if bitmap.name.startswith(BITMAP_PREFIX) and bitmap.name != keep:
-                try:
-                    await remove_bitmap(monitor, disk.node, bitmap.name)
-                    checkpoint("mid-rotate")
-                except QemuError as exc:
-                    log.warning(
-                        "%s: could not remove old bitmap %s on %s (%s); the next run removes it",
-                        vm,
-                        bitmap.name,
-                        disk.name,
-                        exc,
-                    )
+    run = BackupRun(config, vm, mode, progress_mode=progress_mode, hooks=hooks, result=result)
+    return await run.execute()

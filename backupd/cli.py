@@ -2,7 +2,8 @@
 
 Exit codes (also in ``backupd --help`` and the README):
 0 success, 1 the backup or operation failed, 2 usage or configuration error,
-3 busy (another run holds the VM's lock), 4 verify found damage, 130 interrupted.
+3 busy (another run holds the VM's lock), 4 verify found damage, 130 interrupted
+(SIGINT), 143 stopped (SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ exit codes:
   2  usage or configuration error
   3  busy: another backupd run holds the VM's lock
   4  verify found damage in the repository
-  130 interrupted
+  130 interrupted (SIGINT): a run cleans up first, nothing is committed
+  143 stopped (SIGTERM): the same
 
 examples:
   backupd -c /etc/backupd/backupd.yaml run --vm guest1
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILED
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as err:  # a bug: still one line for the user, details in debug log
         log.debug("unexpected error", exc_info=True)
         print(

@@ -68,6 +68,10 @@ class VMConfig:
     timeout: float = 30.0
     #: how qemu keeps the point-in-time view: "auto", "snapshot-access" or "blockdev-backup"
     fleecing: str = "auto"
+    #: the longest the guest's file systems may stay frozen (freeze included), seconds
+    freeze_timeout: float = 30.0
+    #: fail a run whose file systems could not be frozen instead of going crash-consistent
+    require_quiesce: bool = False
 
     @property
     def qmp_address(self) -> str | tuple[str, int]:
@@ -104,6 +108,8 @@ _SETTING_KEYS = {
     "request_size",
     "timeout",
     "fleecing",
+    "freeze_timeout",
+    "require_quiesce",
     "keep_last",
     "keep_daily",
     "keep_weekly",
@@ -185,12 +191,14 @@ def _settings(data: Mapping[str, Any], where: str, base: dict[str, Any]) -> dict
     ):
         if key in data:
             out[key] = _get(data, key, int, where)
-    if "compress" in data:
-        out["compress"] = _get(data, "compress", bool, where)
+    for key in ("compress", "require_quiesce"):
+        if key in data:
+            out[key] = _get(data, key, bool, where)
     if "fleecing" in data:
         out["fleecing"] = _get(data, "fleecing", str, where)
-    if "timeout" in data:
-        out["timeout"] = float(_get(data, "timeout", (int, float), where))
+    for key in ("timeout", "freeze_timeout"):
+        if key in data:
+            out[key] = float(_get(data, key, (int, float), where))
     if "request_size" in data:
         out["request_size"] = _size(data["request_size"], f"{where}request_size")
     return out
@@ -204,8 +212,9 @@ def _check_settings(s: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}request_size must be between 64K and 32M")
     for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
         _positive(s.get(key), f"{where}{key}", 0)
-    if s["timeout"] <= 0:
-        raise ConfigError(f"{where}timeout must be positive")
+    for key in ("timeout", "freeze_timeout"):
+        if s[key] <= 0:
+            raise ConfigError(f"{where}{key} must be positive")
     if s["fleecing"] not in FLEECING_METHODS:
         raise ConfigError(
             f"{where}fleecing must be one of {', '.join(FLEECING_METHODS)}, not {s['fleecing']!r}"
@@ -254,6 +263,8 @@ def parse_config(data: Any, path: Path) -> Config:
             "request_size": DEFAULT_REQUEST_SIZE,
             "timeout": 30.0,
             "fleecing": "auto",
+            "freeze_timeout": 30.0,
+            "require_quiesce": False,
         },
     )
     _check_settings(defaults, "")
@@ -290,12 +301,19 @@ def parse_config(data: Any, path: Path) -> Config:
             ),
             timeout=s["timeout"],
             fleecing=s["fleecing"],
+            freeze_timeout=s["freeze_timeout"],
+            require_quiesce=s["require_quiesce"],
         )
+
+    def beside_config(value: str) -> Path:
+        """A path from the file; a relative one is taken from the file's folder."""
+        return (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+
     return Config(
         path=path,
         repository=repository,
-        scratch_dir=Path(scratch) if scratch else repository / ".scratch",
-        runtime_dir=Path(runtime) if runtime else None,
-        metrics_file=Path(metrics) if metrics else None,
+        scratch_dir=beside_config(scratch) if scratch else repository / ".scratch",
+        runtime_dir=beside_config(runtime) if runtime else None,
+        metrics_file=beside_config(metrics) if metrics else None,
         vms=vms,
     )

@@ -31,6 +31,8 @@ class ExitCode:
     USAGE = 2
     BUSY = 3
     DAMAGED = 4
+    INTERRUPTED = 130  # 128 + SIGINT
+    TERMINATED = 143  # 128 + SIGTERM
 
 
 class BackupdError(Exception):

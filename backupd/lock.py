@@ -1,28 +1,43 @@
-"""The per-VM lock: one backup run per VM at a time, and who holds it.
+"""Locks: one backup run per VM at a time, and who holds it.
 
-``<vm>/.lock`` is locked with ``flock``: exclusive for a run, shared for readers that
-must not see a backup disappear (serve, restore).  The holder writes its pid, command
-and start time into the file so that a refused run can say who is in the way.
+``<vm>/.lock`` in the repository is locked with ``flock`` (exclusive for a run or a
+prune); ``<vm>/.readers`` is shared by serve, restore and verify while they read backups
+and exclusive for prune.  A second lock per VM on the host, named after its QMP socket,
+keeps runs of one VM from different configurations (two repositories) apart.  Every
+holder writes its pid, command and start time into the file so that a refused command
+can say who is in the way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from backupd.errors import BusyError
+from backupd.errors import BusyError, RepositoryError
 
 
 def _holder_text(path: Path) -> str:
+    """Who holds the lock, as its holder wrote it; "" when that holder has gone (a
+    reader that left while another still holds the shared lock)."""
     try:
         text = path.read_text().strip()
     except OSError:
         return ""
+    match = re.search(r"\(pid (\d+)\)", text)
+    if match:
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass
     return text
 
 
@@ -30,7 +45,10 @@ def _holder_text(path: Path) -> str:
 def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
     """Hold the lock at ``path`` (BusyError when another process holds it)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # never through a symlink: the holder line truncates the file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RepositoryError(f"cannot open lock file {path}: {exc.strerror}") from None
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
@@ -38,11 +56,17 @@ def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> 
         except BlockingIOError:
             holder = _holder_text(path) or "another backupd process"
             raise BusyError(f"vm {vm} is busy: {holder} holds its lock") from None
-        if not shared:
-            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            what = purpose or " ".join(os.path.basename(a) for a in sys.argv[:3])
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{what} (pid {os.getpid()}) since {since}\n".encode(), 0)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        what = purpose or " ".join(os.path.basename(a) for a in sys.argv[:3])
+        line = f"{what} (pid {os.getpid()}) since {since}\n".encode()
+        os.ftruncate(fd, 0)  # a shared holder names itself too (the newest of them)
+        os.pwrite(fd, line, 0)
         yield
     finally:
         os.close(fd)
+
+
+def host_lock_path(folder: Path, qmp: str) -> Path:
+    """The host-wide lock of the VM behind QMP address ``qmp``."""
+    digest = hashlib.sha256(qmp.encode()).hexdigest()[:16]
+    return folder / f"vm-{digest}.lock"

@@ -14,7 +14,17 @@ import sys
 import time
 from typing import Any
 
-SUMMARY_FIELDS = ("vm", "backup", "kind", "reason", "disks", "bytes", "duration", "result")
+SUMMARY_FIELDS = (
+    "vm",
+    "backup",
+    "kind",
+    "reason",
+    "disks",
+    "bytes",
+    "consistency",
+    "duration",
+    "result",
+)
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -96,6 +106,17 @@ def human_bytes(value: int) -> str:
     raise AssertionError
 
 
+def human_age(seconds: float) -> str:
+    """``42 s``, ``5 min``, ``3.2 h``, ``2.1 days``: how long ago, readable at a glance."""
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def log_summary(
     logger: logging.Logger,
     *,
@@ -105,6 +126,7 @@ def log_summary(
     reason: str,
     disks: list[str],
     copied: int,
+    consistency: str,
     duration: float,
     result: str,
 ) -> None:
@@ -112,13 +134,15 @@ def log_summary(
     level = logging.INFO if result == "ok" else logging.ERROR
     logger.log(
         level,
-        "summary: vm=%s backup=%s kind=%s (%s) disks=%s copied=%s duration=%.1fs result=%s",
+        "summary: vm=%s backup=%s kind=%s (%s) disks=%s copied=%s consistency=%s "
+        "duration=%.1fs result=%s",
         vm,
         backup or "-",
         kind,
         reason,
         ",".join(disks) or "-",
         human_bytes(copied),
+        consistency,
         duration,
         result,
         extra={
@@ -128,6 +152,7 @@ def log_summary(
             "reason": reason,
             "disks": disks,
             "bytes": copied,
+            "consistency": consistency,
             "duration": round(duration, 3),
             "result": result,
         },

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from backupd.bitmaps import CheckpointNames
 from backupd.errors import BackupFailed
 from backupd.manifest import Manifest
-from backupd.qemu.fleece import bitmap_name
 from backupd.qemu.inventory import Disk
 
 MODES = ("auto", "full", "incremental")
@@ -23,10 +23,25 @@ class Plan:
     kind: str
     reason: str
     parent: Manifest | None
+    #: the parent's checkpoint bitmap on every disk (for an incremental)
+    parent_bitmap: str | None = None
+
+
+def _parent_bitmap(names: CheckpointNames, latest: Manifest, disks: Sequence[Disk]) -> str:
+    """The name the newest backup's bitmap has on every disk (the current form, or the
+    form from before repository ids); the current form when neither is everywhere."""
+    for name in names.candidates(latest.id):
+        if all(disk.bitmap(name) is not None for disk in disks):
+            return name
+    return names.name(latest.id)
 
 
 def _full_reason(
-    latest: Manifest | None, chain_length: int, disks: Sequence[Disk], max_chain: int
+    latest: Manifest | None,
+    chain_length: int | None,
+    disks: Sequence[Disk],
+    max_chain: int,
+    name: str,
 ) -> str | None:
     if latest is None:
         return "no committed backup yet"
@@ -34,9 +49,10 @@ def _full_reason(
     had = sorted(latest.disks)
     if wanted != had:
         return f"the disk set changed (was {','.join(had)}, now {','.join(wanted)})"
+    if chain_length is None:
+        return f"the chain of backup {latest.id} is broken"
     if chain_length >= max_chain:
         return f"the chain reached max_chain ({max_chain} incrementals)"
-    name = bitmap_name(latest.id)
     for disk in disks:
         record = latest.disks[disk.name]
         if record.virtual_size != disk.size:
@@ -59,19 +75,22 @@ def _full_reason(
 def plan_backup(
     mode: str,
     latest: Manifest | None,
-    chain_length: int,
+    chain_length: int | None,
     disks: Sequence[Disk],
     max_chain: int,
+    names: CheckpointNames,
 ) -> Plan:
-    """Decide the kind of the next backup (``chain_length``: incrementals since the full)."""
+    """Decide the kind of the next backup (``chain_length``: incrementals since the full,
+    None when the newest backup's chain is broken)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     if mode == "full":
         return Plan("full", "a full backup was requested", None)
-    reason = _full_reason(latest, chain_length, disks, max_chain)
+    name = _parent_bitmap(names, latest, disks) if latest is not None else ""
+    reason = _full_reason(latest, chain_length, disks, max_chain, name)
     if reason is None:
         assert latest is not None
-        return Plan("incremental", f"changes since {latest.id}", latest)
+        return Plan("incremental", f"changes since {latest.id}", latest, name)
     if mode == "incremental":
         raise BackupFailed(f"an incremental backup is not possible: {reason}")
     return Plan("full", reason, None)

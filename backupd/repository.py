@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from backupd.config import check_name
-from backupd.errors import ChainError, NotFoundError, RepositoryError
+from backupd.errors import ChainError, NotFoundError, RepositoryError, UsageError
 from backupd.faults import checkpoint
 from backupd.lock import vm_lock
 from backupd.manifest import Manifest
@@ -123,7 +123,7 @@ class VMRepository:
 
     def load(self, backup: str) -> Manifest:
         if not ID_RE.match(backup):
-            raise NotFoundError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
+            raise UsageError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
         path = self.path / backup / MANIFEST
         try:
             with open(path, "rb") as f:
@@ -201,9 +201,41 @@ class VMRepository:
         return [p for p in self.path.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
+IDENTITY_FILE = ".repository-id"
+IDENTITY_RE = re.compile(r"[0-9a-f]{8}")
+
+
 class Repository:
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def identity(self) -> str:
+        """This repository's short random id (made on first use): it names the checkpoint
+        bitmaps in qemu, so several repositories of one VM keep their own chains."""
+        path = self.root / IDENTITY_FILE
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, (os.urandom(4).hex() + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.root)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                text = os.read(fd, 64).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror}") from None
+        if not IDENTITY_RE.fullmatch(text):
+            raise RepositoryError(f"{path} is damaged (expected 8 hex digits, found {text!r:.40})")
+        return text
 
     def vm(self, name: str) -> VMRepository:
         return VMRepository(self.root, name)

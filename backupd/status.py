@@ -3,28 +3,40 @@ Prometheus textfile (node_exporter textfile collector format), written atomicall
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backupd.config import Config
+from backupd.errors import RepositoryError
 from backupd.repository import Repository, VMRepository
 
 STATUS_FILE = ".status.json"
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write ``path`` whole or not at all, with exactly ``mode`` (whatever the umask).
+    The temporary file has an unpredictable name and is created exclusively, so a
+    planted symlink in a shared folder is never followed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, text.encode())
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +51,8 @@ class RunRecord:
     bytes: int
     disks: dict[str, int]
     error: str = ""
+    #: "quiesced" or "crash-consistent" for a committed backup
+    consistency: str | None = None
 
 
 def record_run(repo: VMRepository, record: RunRecord) -> None:
@@ -56,6 +70,7 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
         "bytes": record.bytes,
         "disks": record.disks,
         "error": record.error,
+        "consistency": record.consistency,
     }
     data["last_run"] = entry
     if record.result == "ok":
@@ -65,16 +80,31 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
 
 def read_status(repo: VMRepository) -> dict[str, Any]:
     try:
-        data: dict[str, Any] = json.loads((repo.path / STATUS_FILE).read_text())
-        return data
+        data = json.loads((repo.path / STATUS_FILE).read_text())
+    except PermissionError as exc:
+        raise _unreadable(repo, exc) from None
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _unreadable(repo: VMRepository, exc: OSError) -> RepositoryError:
+    return RepositoryError(
+        f"cannot read {exc.filename or repo.path}: permission denied (the repository is "
+        "root's alone; monitoring users read the metrics_file, which is world-readable)"
+    )
 
 
 def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows for one VM."""
     now = time.time() if now is None else now
     repo = Repository(config.repository).vm(vm)
+    try:
+        os.stat(repo.path)
+    except PermissionError as exc:
+        raise _unreadable(repo, exc) from None
+    except FileNotFoundError:
+        pass  # no run yet
     status = read_status(repo)
     ids = repo.ids()
     chain_length = 0
@@ -93,6 +123,7 @@ def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, An
         "vm": vm,
         "last_success": success.get("backup"),
         "last_success_time": finished,
+        "last_success_consistency": success.get("consistency"),
         "age_seconds": round(now - finished, 1) if finished else None,
         "last_result": last.get("result"),
         "last_error": last.get("error") or None,
@@ -104,42 +135,53 @@ def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, An
     }
 
 
+#: (name, help) of every metric, each written for every VM from the first run on
+METRICS = (
+    ("backupd_last_success_timestamp_seconds", "End of the last successful backup (0: never)."),
+    ("backupd_last_success_quiesced", "1 if the last good backup had frozen file systems."),
+    ("backupd_last_run_timestamp_seconds", "End of the last run (0: never ran)."),
+    ("backupd_last_run_success", "1 if the last run succeeded, 0 if it failed or never ran."),
+    ("backupd_last_run_duration_seconds", "Duration of the last run."),
+    ("backupd_last_run_bytes", "Bytes copied by the last run, per disk."),
+    ("backupd_backups", "Backups in the repository."),
+    ("backupd_repository_bytes", "Bytes stored in the repository."),
+    ("backupd_chain_length", "Incrementals since the last full backup."),
+)
+
+
+def _samples(config: Config, vm: str) -> dict[str, list[tuple[str, float]]]:
+    """Per metric: (extra labels, value) of one VM."""
+    last = read_status(Repository(config.repository).vm(vm)).get("last_run") or {}
+    info = vm_status(config, vm)
+    ended = last.get("started", 0) + last.get("duration", 0) if last else 0
+    disks = sorted((last.get("disks") or {}).items())
+    return {
+        "backupd_last_success_timestamp_seconds": [("", info["last_success_time"] or 0)],
+        "backupd_last_success_quiesced": [
+            ("", 1 if info["last_success_consistency"] == "quiesced" else 0)
+        ],
+        "backupd_last_run_timestamp_seconds": [("", ended)],
+        "backupd_last_run_success": [("", 1 if last.get("result") == "ok" else 0)],
+        "backupd_last_run_duration_seconds": [("", last.get("duration", 0))],
+        "backupd_last_run_bytes": [(f',disk="{disk}"', count) for disk, count in disks],
+        "backupd_backups": [("", info["backups"])],
+        "backupd_repository_bytes": [("", info["repository_bytes"])],
+        "backupd_chain_length": [("", info["chain_length"])],
+    }
+
+
 def write_metrics(config: Config) -> None:
-    """The Prometheus textfile with the last run of every VM, if configured."""
+    """The Prometheus textfile with every VM, if configured: world-readable (0644, for
+    node_exporter), written atomically, each metric family in one block."""
     if config.metrics_file is None:
         return
-    lines = [
-        "# HELP backupd_last_success_timestamp_seconds End of the last successful backup.",
-        "# TYPE backupd_last_success_timestamp_seconds gauge",
-        "# HELP backupd_last_run_success 1 if the last run succeeded, 0 if it failed.",
-        "# TYPE backupd_last_run_success gauge",
-        "# HELP backupd_last_run_duration_seconds Duration of the last run.",
-        "# TYPE backupd_last_run_duration_seconds gauge",
-        "# HELP backupd_last_run_bytes Bytes copied by the last run, per disk.",
-        "# TYPE backupd_last_run_bytes gauge",
-        "# HELP backupd_repository_bytes Bytes stored in the repository per VM.",
-        "# TYPE backupd_repository_bytes gauge",
-        "# HELP backupd_chain_length Incrementals since the last full backup.",
-        "# TYPE backupd_chain_length gauge",
-    ]
-    for vm in sorted(config.vms):
-        repo = Repository(config.repository).vm(vm)
-        status = read_status(repo)
-        info = vm_status(config, vm)
-        label = f'vm="{vm}"'
-        if info["last_success_time"]:
-            lines.append(
-                f"backupd_last_success_timestamp_seconds{{{label}}} {info['last_success_time']:.3f}"
-            )
-        last = status.get("last_run")
-        if last:
-            lines.append(
-                f"backupd_last_run_success{{{label}}} {1 if last['result'] == 'ok' else 0}"
-            )
-            lines.append(f"backupd_last_run_duration_seconds{{{label}}} {last['duration']:.3f}")
-            for disk, count in sorted((last.get("disks") or {}).items()):
-                lines.append(f'backupd_last_run_bytes{{{label},disk="{disk}"}} {count}')
-        lines.append(f"backupd_repository_bytes{{{label}}} {info['repository_bytes']}")
-        lines.append(f"backupd_chain_length{{{label}}} {info['chain_length']}")
+    per_vm = {vm: _samples(config, vm) for vm in sorted(config.vms)}
+    lines: list[str] = []
+    for name, text in METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        for vm, samples in per_vm.items():
+            for labels, value in samples[name]:
+                number = f"{value:.3f}" if isinstance(value, float) else str(value)
+                lines.append(f'{name}{{vm="{vm}"{labels}}} {number}')
     config.metrics_file.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(config.metrics_file, "\n".join(lines) + "\n", 0o644)

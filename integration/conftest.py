@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from integration.harness.guest import REPO, GuestBuild, LinuxGuest, build_guest
+from integration.harness.runs import argv
 from integration.harness.vm import QemuVM
 from tests.conftest import sockdir
 
@@ -103,7 +103,7 @@ def config_for(tmp_path: Path) -> Callable[..., Path]:
 
 def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backupd", "-c", str(config), *args],
+        argv(config, *args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -115,7 +115,7 @@ def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
     """``backupd serve --vm VM WHERE...`` in the background: yields the URI it prints,
     then stops it with SIGTERM and checks that it exited with 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backupd", "-c", str(config), "serve", "--vm", vm, *where],
+        argv(config, "serve", "--vm", vm, *where),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -128,6 +128,38 @@ def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
         code = proc.wait(10)
         assert proc.stderr is not None
         assert code == 0, proc.stderr.read()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here needs the real qemu tools; the fault suite's tests are its rows."""
+    for item in items:
+        if "/integration/" in str(item.path):
+            item.add_marker(pytest.mark.qemu)
+            if item.path.name == "test_faults.py":
+                item.add_marker(pytest.mark.fault)
+
+
+@pytest.fixture(autouse=True)
+def _fault_rows(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Rows recorded by a test belong to it (see integration/faults_table.py)."""
+    from integration import faults_table
+
+    faults_table.current_test = request.node.nodeid
+    yield
+    faults_table.current_test = ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and item.nodeid:
+        from integration import faults_table
+
+        if any(row for row in faults_table.ROWS.values() if item.nodeid in row.tests) or (
+            item.get_closest_marker("fault") is not None
+        ):
+            faults_table.test_failed(item.nodeid, item.name)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import MiB, backupd
-from integration.harness.chain import backing_of, first_difference, qemu_img_check, read_image
+from integration.harness.chain import (
+    backing_of,
+    backups,
+    checkpoint_bitmap,
+    first_difference,
+    qemu_img_check,
+    read_image,
+)
 from integration.harness.vm import QemuVM
-
-
-def backups(repo: Path, vm: str = "guest1") -> list[Path]:
-    return sorted(p for p in (repo / vm).iterdir() if p.name[0].isdigit())
 
 
 @pytest.mark.parametrize("fleecing", ["snapshot-access", "blockdev-backup"])
@@ -58,7 +61,7 @@ async def test_full_then_incrementals(
         assert backing_of(child / "vda.qcow2") == f"../{parent.name}/vda.qcow2"
     # only the newest bitmap is left recording, and nothing else is left in qemu
     names = [b["name"] for b in await vm.bitmaps("vda")]
-    assert names == [f"backupd-{found[-1].name}"]
+    assert names == [checkpoint_bitmap(found[-1])]
     state = await vm.state()
     assert state["exports"] == [] and state["jobs"] == []
     assert state["nodes"] == ["drive-vda"]

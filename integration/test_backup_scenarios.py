@@ -4,7 +4,6 @@ compression, and bad input."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -18,12 +17,14 @@ import pytest
 from backupd.backup import RunHooks, run_backup
 from backupd.config import load_config
 from integration.conftest import MiB, backupd
-from integration.harness.chain import first_difference, qemu_img_check, read_image
+from integration.harness.chain import (
+    backups,
+    checkpoint_bitmap,
+    first_difference,
+    qemu_img_check,
+    read_image,
+)
 from integration.harness.vm import QemuVM
-
-
-def backups(repo: Path, vm: str = "guest1") -> list[Path]:
-    return sorted(p for p in (repo / vm).iterdir() if p.name[0].isdigit())
 
 
 def assert_point(folder: Path, disk: str, expected: bytes, tmp: Path) -> None:
@@ -133,7 +134,7 @@ async def test_qemu_restart_and_crash(
     assert kinds == ["full", "incremental", "full"]
     assert_point(found[-1], "vda", vm.snapshot()["vda"], tmp_path)
     names = [b["name"] for b in await vm.bitmaps("vda")]
-    assert names == [f"backupd-{found[-1].name}"]
+    assert names == [checkpoint_bitmap(found[-1])]
 
 
 @pytest.mark.parametrize(
@@ -167,7 +168,7 @@ async def test_killed_run_loses_nothing(
     assert json.loads((found[-1] / "manifest.json").read_text())["kind"] == "incremental"
     state = await vm.state()
     assert state == {"exports": [], "jobs": [], "nodes": ["drive-vda"]}
-    assert [b["name"] for b in await vm.bitmaps("vda")] == [f"backupd-{found[-1].name}"]
+    assert [b["name"] for b in await vm.bitmaps("vda")] == [checkpoint_bitmap(found[-1])]
     assert not [p for p in (repo / "guest1").iterdir() if p.name.startswith(".tmp-")]
     assert not list((tmp_path / "scratch").rglob("*.qcow2"))
 
@@ -185,58 +186,6 @@ async def test_second_run_on_a_vm_is_refused(
     assert "busy" in result.stderr and "test holder" in result.stderr
     assert "Traceback" not in result.stderr
     assert backupd(config, "run", "--vm", "guest1").returncode == 0
-
-
-class FakeAgent:
-    """A guest agent endpoint (a real one needs a guest OS): answers sync, freeze, thaw."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.calls: list[str] = []
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = json.JSONDecoder()
-        pending = ""
-        while chunk := await reader.read(4096):
-            pending += chunk.decode()
-            pending = pending.lstrip()
-            if not pending:
-                continue
-            try:
-                request, end = decoder.raw_decode(pending)
-            except ValueError:
-                continue  # an incomplete message: qemu parses a JSON stream, not lines
-            pending = pending[end:]
-            command = request["execute"]
-            self.calls.append(command)
-            value: object = {
-                "guest-sync": request.get("arguments", {}).get("id"),
-                "guest-fsfreeze-freeze": 2,
-                "guest-fsfreeze-thaw": 2,
-            }.get(command, {})
-            reply = {"return": value}
-            if "id" in request:
-                reply["id"] = request["id"]
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-
-
-async def test_guest_agent_quiesce_and_missing_agent(
-    vm: QemuVM, config_for: Callable[..., Path], sockdir: Path
-) -> None:
-    agent = FakeAgent(sockdir / "qga.sock")
-    server = await asyncio.start_unix_server(agent.serve, str(agent.path))
-    try:
-        config = load_config(config_for(vm, guest_agent=str(agent.path)))
-        manifest = await run_backup(config, config.vm("guest1"))
-        assert agent.calls == ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
-        assert manifest.quiesced
-    finally:
-        server.close()
-    missing = config_for(vm, guest_agent=str(sockdir / "nope.sock"))
-    result = backupd(missing, "run", "--vm", "guest1")
-    assert result.returncode == 0, result.stderr
-    assert "guest agent unavailable" in result.stderr and "crash-consistent" in result.stderr
 
 
 async def test_compressed_backups(

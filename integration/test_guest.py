@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from integration.harness.ext4 import (
 )
 from integration.harness.guest import LinuxGuest
 from integration.harness.qga import AgentError
+from integration.harness.runs import argv
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -166,8 +166,7 @@ async def test_a_run_interrupted_while_the_guest_freezes_leaves_it_thawed(
     config = config_for(guest, guest_agent=str(guest.agent_path))
     await make_freeze_slow(guest)
     run = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "backupd", "-c", str(config), "--log-level", "debug"),
-        *("run", "--vm", "guest1"),
+        *argv(config, "--log-level", "debug", "run", "--vm", "guest1"),
         stderr=subprocess.PIPE,
     )
     assert run.stderr is not None

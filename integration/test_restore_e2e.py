@@ -13,13 +13,9 @@ import yaml
 
 import nbdclient
 from integration.conftest import MiB, backupd, serving
-from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
+from integration.harness.chain import backups, make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
-
-
-def backups(repo: Path, vm: str = "guest1") -> list[Path]:
-    return sorted(p for p in (repo / vm).iterdir() if p.name[0].isdigit())
 
 
 async def make_chain(vm: QemuVM, config: Path, rounds: int = 4) -> list[bytes]:

@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedError,
 )
 from .uri import NBDURI, parse_uri, unix_uri
-from .values import BlockSize, ExportListing, Extent, TLSOptions
+from .values import BlockSize, ExportListing, Extent, Runstate, TLSOptions
 
 __all__ = [
     "NBDURI",
@@ -36,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "RequestError",
+    "Runstate",
     "StateError",
     "TLSOptions",
     "TransmissionFlag",

@@ -2,6 +2,10 @@
 
 Encoders build option requests; decoders turn option reply payloads into values.
 The asyncio client drives the exchange; everything here is pure and table-testable.
+What a server sends is bounded: each reply by its type (strings are at most
+MAX_STRING bytes), and the repeated replies of one option (NBD_OPT_LIST, the meta
+context options) by count and bytes, so a server cannot make the client collect
+without end.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ INFO_BLOCK_SIZE: Final = struct.Struct(">III")
 
 #: A server may not make us allocate more than this for one option reply.
 MAX_OPTION_REPLY: Final = 1 << 20
+#: Replies that carry a name: u32 length + name + description (SERVER), u32 id + name
+#: (META_CONTEXT); names and descriptions are strings.
+_REPLY_LIMITS: Final = {
+    OptionReply.SERVER: 4 + 2 * MAX_STRING,
+    OptionReply.META_CONTEXT: 4 + MAX_STRING,
+}
+#: The repeated replies to one option (exports listed, meta contexts), and their bytes.
+MAX_REPLIES: Final = 16384
+MAX_REPLY_BYTES: Final = 8 << 20
 
 
 def parse_greeting_prefix(data: bytes) -> None:
@@ -107,8 +120,10 @@ def parse_option_reply_header(data: bytes, expected_option: Option) -> OptionRep
         raise RemoteProtocolError(
             f"option reply for option {option} while waiting for {expected_option.name}"
         )
-    if length > MAX_OPTION_REPLY:
-        raise RemoteProtocolError(f"option reply of {length} bytes is too large")
+    limit = _REPLY_LIMITS.get(reply_type, MAX_OPTION_REPLY)
+    if length > limit:
+        what = OptionReply.describe(reply_type)
+        raise RemoteProtocolError(f"{what} reply of {length} bytes is too large (limit {limit})")
     return OptionReplyHeader(option, reply_type, length)
 
 
@@ -144,6 +159,56 @@ def parse_meta_context_reply(payload: bytes) -> tuple[int, str]:
         raise RemoteProtocolError("NBD_REP_META_CONTEXT reply too short")
     (context_id,) = _U32.unpack_from(payload)
     return context_id, decode_text(payload[4:])
+
+
+class ReplyBudget:
+    """Counts the repeated replies to one option; too many, or too many bytes in all,
+    is a protocol error (no real server lists that much)."""
+
+    def __init__(self, option: Option) -> None:
+        self.option = option
+        self.replies = 0
+        self.bytes = 0
+
+    def spend(self, payload: bytes) -> None:
+        self.replies += 1
+        self.bytes += len(payload)
+        if self.replies > MAX_REPLIES or self.bytes > MAX_REPLY_BYTES:
+            raise RemoteProtocolError(
+                f"server sent more than {MAX_REPLIES} replies or {MAX_REPLY_BYTES} bytes "
+                f"to {self.option.name}"
+            )
+
+
+def _selects(query: str, name: str) -> bool:
+    return name == query or (query.endswith(":") and name.startswith(query))
+
+
+class MetaContextReplies:
+    """The NBD_REP_META_CONTEXT replies to one LIST_ or SET_META_CONTEXT, checked.
+
+    SET selects only what was asked for: every context answers a query (its exact name,
+    or a ``namespace:`` query it falls under), no name twice, no id for two contexts
+    (block status chunks are matched by id).  LIST ids carry no meaning (proto.md:
+    "SHOULD be 0 and MUST be ignored")."""
+
+    def __init__(self, option: Option, queries: tuple[str, ...]) -> None:
+        self.option = option
+        self.queries = queries
+        self.contexts: dict[str, int] = {}
+        self._budget = ReplyBudget(option)
+
+    def add(self, payload: bytes) -> None:
+        self._budget.spend(payload)
+        context_id, name = parse_meta_context_reply(payload)
+        if self.option == Option.SET_META_CONTEXT:
+            if not any(_selects(query, name) for query in self.queries):
+                raise RemoteProtocolError(f"server selected meta context {name!r}, not asked for")
+            if name in self.contexts:
+                raise RemoteProtocolError(f"server selected meta context {name!r} twice")
+            if context_id in self.contexts.values():
+                raise RemoteProtocolError(f"server gave meta context id {context_id} twice")
+        self.contexts[name] = context_id
 
 
 @dataclass(slots=True)

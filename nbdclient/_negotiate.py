@@ -155,14 +155,13 @@ class Negotiator:
         self, option: Option, export: str, queries: tuple[str, ...]
     ) -> dict[str, int]:
         await self.option(option, hs.encode_meta_context_request(export, queries))
-        contexts: dict[str, int] = {}
+        replies = hs.MetaContextReplies(option, queries)
         while True:
             reply_type, payload = await self.reply(option)
             if reply_type == OptionReply.META_CONTEXT:
-                context_id, name = hs.parse_meta_context_reply(payload)
-                contexts[name] = context_id
+                replies.add(payload)
             elif reply_type == OptionReply.ACK:
-                return contexts
+                return replies.contexts
             elif OptionReply.is_error(reply_type):
                 raise hs.negotiation_error(option, reply_type, payload)
             else:
@@ -173,12 +172,12 @@ class Negotiator:
     async def list_exports(self) -> list[ExportListing]:
         await self.option(Option.LIST)
         exports: list[ExportListing] = []
+        budget = hs.ReplyBudget(Option.LIST)
         while True:
             reply_type, payload = await self.reply(Option.LIST)
             if reply_type == OptionReply.SERVER:
+                budget.spend(payload)
                 exports.append(hs.parse_server_reply(payload))
-                if len(exports) > 100_000:
-                    raise RemoteProtocolError("server lists more than 100000 exports")
             elif reply_type == OptionReply.ACK:
                 return exports
             elif OptionReply.is_error(reply_type):

@@ -2,24 +2,25 @@
 
 ``connect()`` runs the handshake (``_negotiate``) and hands the socket to a
 :class:`~nbdclient._connection.Connection`, the single reader of the transmission
-phase.  Every command method may be called concurrently: ``asyncio.gather`` over many
-``pread_into`` calls keeps that many requests in flight.  Requests larger than the
-server's maximum payload are split.
+phase, which drives the I/O-free reply machine (``_replies``).  Every command method
+may be called concurrently: ``asyncio.gather`` over many ``pread_into`` calls keeps that
+many requests in flight.  Requests larger than the server's maximum payload are split.
+A client is READY until its connection breaks (DEAD) or ``disconnect()`` closes it
+(DISCONNECTING, then CLOSED); see :class:`~nbdclient.values.Runstate`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from . import _negotiate as ng
-from . import _transmission as tx
-from ._connection import Connection, Pending
+from ._connection import Connection
 from ._handshake import ExportInfo
+from ._replies import Replies
 from .constants import (
     BASE_ALLOCATION,
     DEFAULT_MAX_PAYLOAD,
@@ -36,7 +37,7 @@ from .errors import (
     UnsupportedError,
 )
 from .uri import NBDURI, parse_uri
-from .values import BlockSize, ExportListing, Extent, TLSOptions
+from .values import BlockSize, ExportListing, Extent, Runstate, TLSOptions
 
 #: Largest block status request with compact headers (a u32 length, kept aligned).
 _MAX_COMPACT_LENGTH = 0xFFFFFFFF & ~0xFFFF
@@ -145,12 +146,6 @@ async def query_export(
         return info
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a result nobody waits for any more (no "never retrieved" warning)."""
-    if not future.cancelled():
-        future.exception()
-
-
 class Client:
     """One connected NBD export.  Use as an async context manager, or call
     :meth:`disconnect` when done."""
@@ -173,18 +168,18 @@ class Client:
             maximum = DEFAULT_MAX_PAYLOAD
         minimum = self.block_size.minimum
         self.max_request = max(minimum, maximum - maximum % minimum)
-        self._cookies = itertools.count(1)
-        self._closed = False
+        self._runstate = Runstate.READY
+        self._closed = asyncio.Event()
         self._writer = negotiated.writer
-        self._conn = Connection(
-            structured=self.structured_replies or self.extended_headers,
+        replies = Replies(
+            structured=self.structured_replies,
             extended=self.extended_headers,
             size=self.size,
             contexts={v: k for k, v in self.meta_contexts.items()},
         )
         transport = negotiated.writer.transport
         assert isinstance(transport, asyncio.Transport)
-        self._conn.connection_made(transport)
+        self._conn = Connection(replies, transport)
         transport.set_protocol(self._conn)
 
     async def __aenter__(self) -> Client:
@@ -240,49 +235,35 @@ class Client:
         return context in self.meta_contexts
 
     @property
+    def runstate(self) -> Runstate:
+        if self._runstate is Runstate.READY and self._conn.error is not None:
+            return Runstate.DEAD
+        return self._runstate
+
+    @property
     def closed(self) -> bool:
-        return self._closed or self._conn.closed_error is not None
+        """True unless the client is READY."""
+        return self.runstate is not Runstate.READY
 
     # ---- requests -------------------------------------------------------------------
 
+    def _check_ready(self) -> None:
+        state = self.runstate
+        if state is Runstate.READY:
+            return
+        error = self._conn.error
+        if state is Runstate.DEAD and error is not None:
+            raise error
+        raise StateError(f"the NBD client is {state.value}", state=state, required=Runstate.READY)
+
     def _check(self, offset: int, length: int, *, payload: bool) -> None:
-        if self._closed:
-            raise StateError("the NBD client is disconnected")
-        if self._conn.closed_error is not None:
-            raise self._conn.closed_error
+        self._check_ready()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"request [{offset}, +{length}) outside the export (size {self.size})")
         minimum = self.block_size.minimum
         unaligned_end = length % minimum and offset + length != self.size
         if minimum > 1 and (offset % minimum or unaligned_end):
             raise ValueError(f"request [{offset}, +{length}) not aligned to {minimum} bytes")
-
-    def _register(
-        self,
-        command: Command,
-        offset: int,
-        length: int,
-        flags: int,
-        buf: memoryview | None = None,
-        req_one: bool = False,
-        payload_length: int | None = None,
-    ) -> tuple[Pending, bytes]:
-        """A pending entry for a new request, and the request header to send."""
-        conn = self._conn
-        if conn.closed_error is not None:
-            raise conn.closed_error
-        cookie = next(self._cookies)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        pending = Pending(cookie, command, offset, length, future, buf, req_one)
-        conn.pending[cookie] = pending
-        wire_length = length
-        if payload_length is not None and self.extended_headers:
-            flags |= CommandFlag.PAYLOAD_LEN
-            wire_length = payload_length
-        header = tx.encode_request(
-            command, flags, cookie, offset, wire_length, extended=self.extended_headers
-        )
-        return pending, header
 
     def _timed_out(self, command: Command) -> NBDTimeoutError:
         return NBDTimeoutError(
@@ -301,30 +282,30 @@ class Client:
         req_one: bool = False,
     ) -> Any:
         conn = self._conn
-        pending, header = self._register(
+        cookie, header, future = conn.request(
             command,
             offset,
             length,
-            flags,
-            buf,
-            req_one,
-            None if payload is None else len(payload),
+            flags=flags,
+            buf=buf,
+            req_one=req_one,
+            payload_length=None if payload is None else len(payload),
         )
-        if payload is not None:
-            conn.send(header, payload)
-            await conn.drain()
-        else:
-            conn.send(header)
         try:
+            if payload is not None:
+                conn.send(header, payload)
+                await conn.drain()
+            else:
+                conn.send(header)
             if self.request_timeout is None:
-                return await pending.future
+                return await future
             async with asyncio.timeout(self.request_timeout):
-                return await pending.future
+                return await future
         except TimeoutError as exc:
-            pending.buf = None
+            conn.abandon(cookie)  # the reply is still consumed, into nowhere
             raise self._timed_out(command) from exc
-        except asyncio.CancelledError:
-            pending.buf = None  # the reply is still consumed, into nowhere
+        except BaseException:
+            conn.abandon(cookie)
             raise
 
     def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -369,21 +350,26 @@ class Client:
             if not 0 < len(view) <= self.max_request:
                 raise ValueError(f"read of {len(view)} bytes: pread_many takes 1..max_request")
             views.append((view, offset))
-        pendings = []
+        if not views:
+            return
+        conn = self._conn
+        cookies = []
         headers = []
+        futures = []
         for view, offset in views:
-            pending, header = self._register(Command.READ, offset, len(view), flags, view)
-            pendings.append(pending)
+            cookie, header, future = conn.request(
+                Command.READ, offset, len(view), flags=flags, buf=view
+            )
+            cookies.append(cookie)
             headers.append(header)
-        self._conn.send(b"".join(headers))
-        futures = [p.future for p in pendings]
+            futures.append(future)
         try:
+            conn.send(b"".join(headers))
             async with asyncio.timeout(self.request_timeout):
                 await asyncio.wait(futures)
         except BaseException as exc:
-            for pending in pendings:  # late replies are consumed, into nowhere
-                pending.buf = None
-                pending.future.add_done_callback(_consume)
+            for cookie in cookies:  # late replies are consumed, into nowhere
+                conn.abandon(cookie)
             if isinstance(exc, TimeoutError):
                 raise self._timed_out(Command.READ) from exc
             raise
@@ -488,18 +474,22 @@ class Client:
         return result
 
     async def disconnect(self) -> None:
-        """NBD_CMD_DISC, then close the socket.  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """NBD_CMD_DISC, then close the socket; CLOSED when it returns.  Idempotent:
+        a second call waits for the first."""
         conn = self._conn
-        if conn.closed_error is None:
-            with contextlib.suppress(NBDError, OSError):
-                conn.send(
-                    tx.encode_request(Command.DISC, 0, 0, 0, 0, extended=self.extended_headers)
-                )
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(conn.lost), 2.0)
-        if conn.closed_error is None:
-            conn.closed_error = ConnectionLostError("NBD client disconnected")
+        if self._runstate is not Runstate.READY:
+            await self._closed.wait()
+            return
+        self._runstate = Runstate.DISCONNECTING
+        try:
+            if conn.error is None:
+                with contextlib.suppress(NBDError, OSError):
+                    conn.send(conn.replies.disconnect())
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(conn.lost), 2.0)
+        finally:
+            # requests still waiting (none, unless disconnect raced them) fail now
+            conn.close(ConnectionLostError("NBD client disconnected"))
+            self._runstate = Runstate.CLOSED
+            self._closed.set()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .constants import Errno
+from .values import Runstate
 
 
 class NBDError(Exception):
@@ -70,4 +71,12 @@ class NBDTimeoutError(NBDError):
 
 
 class StateError(NBDError):
-    """The client was used in a state that does not allow the call."""
+    """The client was used in a state that does not allow the call: ``state`` is where
+    it was, ``required`` where it would have had to be."""
+
+    def __init__(
+        self, message: str, *, state: Runstate | None = None, required: Runstate | None = None
+    ) -> None:
+        super().__init__(message)
+        self.state = state
+        self.required = required

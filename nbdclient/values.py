@@ -1,8 +1,24 @@
-"""Plain values the NBD client hands out: extents, block sizes, export listings, TLS options."""
+"""Plain values the NBD client hands out: extents, block sizes, export listings, TLS
+options, and the client's runstate."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class Runstate(enum.Enum):
+    """Where a :class:`~nbdclient.Client` is in its life (libnbd's READY/DEAD/CLOSED,
+    qemu.qmp's DISCONNECTING).  A client exists only once the handshake is done.
+
+    READY -> DEAD when the server breaks the protocol or the connection is lost;
+    READY or DEAD -> DISCONNECTING -> CLOSED through ``disconnect()``.
+    """
+
+    READY = "ready"  # commands may be sent
+    DEAD = "dead"  # the connection broke: commands raise its ProtocolError
+    DISCONNECTING = "disconnecting"  # disconnect() is closing the connection
+    CLOSED = "closed"  # disconnected: commands raise StateError
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,14 +70,25 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
     if not rows:
         print("no backups")
         return 0
-    print(
-        f"{'VM':<12} {'ID':<17} {'KIND':<12} {'PARENT':<17} {'CREATED':<21} "
-        f"{'STORED':>10}  DISKS  STATUS"
-    )
-    for r in rows:
-        print(
-            f"{r['vm']:<12} {r['id']:<17} {r['kind'] or '-':<12} {r['parent'] or '-':<17} "
-            f"{r['created'] or '-':<21} {human_bytes(int(r['bytes'])):>10}  "
-            f"{','.join(r['disks']) or '-'}  {r['status']}"
+    header = ("VM", "ID", "KIND", "PARENT", "CREATED", "STORED", "DISKS", "STATUS")
+    table = [
+        (
+            r["vm"],
+            r["id"],
+            r["kind"] or "-",
+            r["parent"] or "-",
+            r["created"] or "-",
+            human_bytes(int(r["bytes"])),
+            ",".join(r["disks"]) or "-",
+            r["status"],
         )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        cells = [
+            cell.rjust(width) if column == "STORED" else cell.ljust(width)
+            for column, cell, width in zip(header, row, widths, strict=True)
+        ]
+        print("  ".join(cells).rstrip())
     return 0

@@ -7,7 +7,8 @@ import logging
 import shutil
 
 from backupd.commands import CommandContext
-from backupd.errors import UsageError
+from backupd.config import Config, VMConfig
+from backupd.errors import BackupdError, UsageError
 from backupd.repository import Repository
 from backupd.retention import close_over_chains, select
 
@@ -21,21 +22,53 @@ kept.  Nothing is removed while a backup, serve or restore of the VM is running.
 examples:
   backupd prune --vm guest1 --dry-run
   backupd prune --vm guest1
+  backupd prune --all          # every VM with a retention policy (others are skipped)
 """
 
 log = logging.getLogger("backupd")
 
 
+def _silent(*values: object) -> None:
+    """A report nobody asked for (``--quiet``)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vm", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vm", help="the VM whose backups to prune")
+    which.add_argument(
+        "--all", action="store_true", help="every VM with a retention policy configured"
+    )
     parser.add_argument("--dry-run", action="store_true", help="only say what would go")
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    vm = config.vm(args.vm)
-    if not vm.retention.configured:
-        raise UsageError(f"no retention configured for vm {vm.name} (keep_last, keep_daily, ...)")
+    if not args.all:
+        vm = config.vm(args.vm)
+        if not vm.retention.configured:
+            raise UsageError(
+                f"no retention configured for vm {vm.name} (keep_last, keep_daily, ...)"
+            )
+        return _prune(config, vm, args.dry_run, context.quiet)
+    worst = 0
+    for name in sorted(config.vms):
+        vm = config.vm(name)
+        if not vm.retention.configured:
+            log.info("%s: no retention configured; nothing pruned", name)
+            continue
+        try:
+            code = _prune(config, vm, args.dry_run, context.quiet)
+        except BackupdError as exc:
+            log.error("%s: %s", name, exc)
+            code = exc.exit_code
+        worst = worst or code
+    return worst
+
+
+def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> int:
+    """Prune one VM; the keep/remove report goes to stdout unless ``quiet`` (a dry run
+    always reports)."""
+    report = print if dry_run or not quiet else _silent
     repo = Repository(config.repository).vm(vm.name)
     with (
         repo.lock(purpose=f"backupd prune --vm {vm.name}"),
@@ -46,13 +79,13 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
         keep = close_over_chains(select(list(parents), vm.retention), parents)
         for backup in sorted(parents):
             if backup in keep:
-                print(f"keep   {backup}  ({keep[backup]})")
+                report(f"{vm.name}: keep   {backup}  ({keep[backup]})")
             else:
-                print(
-                    f"{'would remove' if args.dry_run else 'remove'} {backup}  "
+                report(
+                    f"{vm.name}: {'would remove' if dry_run else 'remove'} {backup}  "
                     "(not kept by the retention policy)"
                 )
-        if args.dry_run:
+        if dry_run:
             return 0
         for backup in sorted(set(parents) - set(keep), reverse=True):
             shutil.rmtree(repo.path / backup)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 
 from backupd.backup import RunResult, run_backup
 from backupd.commands import CommandContext
@@ -43,12 +45,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
+STOP = {signal.SIGINT, signal.SIGTERM}
+
+
+class Interrupt:
+    """The signal (SIGINT, SIGTERM) that cancelled the run, if any.
+
+    The signals stay blocked (:meth:`blocked`) until the event loop handles them
+    (:meth:`install`): one that arrives in between waits and then cancels the run, instead
+    of breaking into the event loop's construction."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def blocked() -> Iterator[None]:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def install(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            self.signal = self.signal or sig
+            task.cancel()
+
+        for sig in STOP:
+            loop.add_signal_handler(sig, on_signal, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
+
+    @staticmethod
+    def uninstall() -> None:
+        """Block the signals again before the loop puts its handlers back to defaults."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by it."""
+        return 128 + (self.signal or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal or signal.SIGINT).name
+
+
+async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: Interrupt) -> int:
     config = context.config()
     vm = config.vm(vm_name)
     result = RunResult(vm.name)
     started = time.time()
-    code = ExitCode.OK
+    code = int(ExitCode.OK)
     error = ""
     try:
         await run_backup(
@@ -58,8 +110,17 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
         code, error = exc.exit_code, str(exc)
         log.error("%s: %s", vm.name, exc)
     except asyncio.CancelledError:
-        code, error = ExitCode.FAILED, "interrupted"
-        log.error("%s: backup interrupted; nothing was committed", vm.name)
+        code, error = interrupt.exit_code, f"interrupted ({interrupt.name})"
+        if result.manifest is not None:
+            log.warning(
+                "%s: interrupted (%s) after backup %s was committed; the next run removes "
+                "the old bitmaps",
+                vm.name,
+                interrupt.name,
+                result.manifest.id,
+            )
+        else:
+            log.error("%s: backup interrupted (%s); nothing was committed", vm.name, interrupt.name)
     except OSError as exc:
         code = ExitCode.FAILED
         error = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
@@ -71,6 +132,7 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
     duration = time.time() - started
     manifest = result.manifest
     plan = result.plan
+    outcome = "ok" if code == ExitCode.OK else "interrupted" if interrupt.signal else "failed"
     log_summary(
         log,
         vm=vm.name,
@@ -79,8 +141,9 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
         reason=plan.reason if plan else error,
         disks=result.disks,
         copied=manifest.bytes_copied if manifest else 0,
+        consistency=result.consistency if manifest else "-",
         duration=duration,
-        result="ok" if code == ExitCode.OK else "failed",
+        result=outcome,
     )
     if code != ExitCode.BUSY:  # a refused run did not happen; keep the holder's record
         try:
@@ -88,7 +151,7 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
                 Repository(config.repository).vm(vm.name),
                 RunRecord(
                     vm=vm.name,
-                    result="ok" if code == ExitCode.OK else "failed",
+                    result="ok" if manifest is not None else "failed",
                     started=started,
                     duration=round(duration, 3),
                     backup=manifest.id if manifest else None,
@@ -99,34 +162,48 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str) -> int:
                     if manifest
                     else {},
                     error=error,
+                    consistency=result.consistency if manifest else None,
                 ),
             )
             write_metrics(config)
         except OSError as exc:
-            log.warning("%s: could not record the run's status: %s", vm.name, exc)
+            where = f" {exc.filename}" if exc.filename else ""
+            log.warning(
+                "%s: could not record the run's status:%s: %s",
+                vm.name,
+                where,
+                exc.strerror or exc,
+            )
     return int(code)
 
 
 async def _main(args: argparse.Namespace, context: CommandContext) -> int:
     mode = "full" if args.full else "incremental" if args.incremental else "auto"
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+    interrupt = Interrupt()
+    interrupt.install()
     names = sorted(context.config().vms) if args.all else [args.vm]
     if args.all and not names:
         raise UsageError("the configuration has no VMs")
     worst = 0
     try:
         for name in names:
-            code = await _run_one(context, name, mode)
+            code = await _run_one(context, name, mode, interrupt)
             worst = code if worst == 0 else worst
+            if interrupt.signal:
+                break
     except asyncio.CancelledError:
-        return int(ExitCode.FAILED)
-    return worst
+        pass
+    finally:
+        interrupt.uninstall()
+    return interrupt.exit_code if interrupt.signal else worst
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     context.config()  # configuration errors before anything else
-    return asyncio.run(_main(args, context))
+    # the event loop puts SIGTERM back to "kill" when it closes: keep ours instead
+    previous = signal.getsignal(signal.SIGTERM)
+    with Interrupt.blocked():
+        try:
+            return asyncio.run(_main(args, context))
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,7 @@ import json
 import time
 
 from backupd.commands import CommandContext
-from backupd.logs import human_bytes
+from backupd.logs import human_age, human_bytes
 from backupd.status import vm_status
 
 NAME = "status"
@@ -37,9 +37,13 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
         return 0
     for r in rows:
         age = r["age_seconds"]
-        age_text = "never" if age is None else f"{age / 3600:.1f} h ago"
+        if age is None:
+            success = "never"
+        else:
+            consistency = r["last_success_consistency"] or "consistency unknown"
+            success = f"{r['last_success']} ({human_age(age)} ago, {consistency})"
         print(
-            f"{r['vm']}: last success {r['last_success'] or '-'} ({age_text}), "
+            f"{r['vm']}: last success {success}, "
             f"last run {r['last_result'] or '-'}, chain {r['chain_length']}, "
             f"{r['backups']} backups, {human_bytes(r['repository_bytes'])} stored"
         )

@@ -35,14 +35,18 @@ import os
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backupd.bitmaps import EXPORT_BITMAP
 from backupd.errors import ConfigError, QemuCommandError, QemuError, QemuTooOldError
 from backupd.faults import checkpoint
-from backupd.qemu.inventory import BITMAP_PREFIX, Disk, named_nodes
+from backupd.private import create_exclusive, private_dir, read_private, write_private
+from backupd.qemu.inventory import Disk, named_nodes
 from backupd.qemu.qmp import QemuMonitor
+from backupd.shield import run_to_completion
 from nbdclient.uri import unix_uri
 
 log = logging.getLogger("backupd.fleece")
@@ -56,7 +60,6 @@ JOB_PREFIX = "backupd-job-"
 CBW_PREFIX = "backupd-cbw-"
 ACCESS_PREFIX = "backupd-snap-"
 EXPORT_PREFIX = "backupd-export-"
-EXPORT_BITMAP = "backupd-export"
 #: what a killed run must undo that qemu cannot tell us: a paused VM, redirected devices
 STATE_FILE = "session.json"
 TEARDOWN_TIMEOUT = 30.0
@@ -64,10 +67,6 @@ TEARDOWN_TIMEOUT = 30.0
 CBW_TIMEOUT = 60
 #: below this much free space the scratch area is called full in error messages
 SCRATCH_LOW = 4 << 20
-
-
-def bitmap_name(backup_id: str) -> str:
-    return f"{BITMAP_PREFIX}{backup_id}"
 
 
 def choose_method(wanted: str, version: tuple[int, int, int], disks: Sequence[Disk]) -> str:
@@ -100,7 +99,8 @@ class DiskExport:
     dirty_context: str | None
 
 
-Hook = Callable[[], Awaitable[None]]
+#: the moment of the cut runs inside this (e.g. the guest's file systems frozen)
+Quiesce = Callable[[], AbstractAsyncContextManager[object]]
 
 
 async def _create_scratch(path: Path, size: int) -> None:
@@ -125,7 +125,7 @@ async def _create_scratch(path: Path, size: int) -> None:
 
 def _create_sparse(path: Path, size: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = create_exclusive(path)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -135,15 +135,15 @@ def _create_sparse(path: Path, size: int) -> None:
 
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, folder / STATE_FILE)
+    write_private(folder / STATE_FILE, json.dumps(state))
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
+    """The state a killed run left (the folder is private: see backupd.private)."""
+    text = read_private(folder / STATE_FILE)
     try:
-        data = json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        data = json.loads(text) if text else {}
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -159,22 +159,22 @@ class FleeceSession:
         disks: Sequence[Disk],
         *,
         backup_id: str,
-        parent_id: str | None,
+        bitmap: str,
+        parent_bitmap: str | None,
         scratch_dir: Path,
         socket_dir: Path,
         method: str = "auto",
-        before_transaction: Hook | None = None,
-        after_transaction: Hook | None = None,
+        quiesce: Quiesce | None = None,
     ) -> None:
         self.monitor = monitor
         self.disks = list(disks)
         self.backup_id = backup_id
-        self.parent_id = parent_id
+        self.bitmap = bitmap
+        self.parent_bitmap = parent_bitmap
         self.scratch_dir = scratch_dir
         self.socket = socket_dir / "nbd.sock"
         self.method = choose_method(method, monitor.version, self.disks)
-        self.before = before_transaction
-        self.after = after_transaction
+        self.quiesce: Quiesce = quiesce or nullcontext
         self._scratch_files: list[Path] = []
         self._nodes: list[str] = []
         self._jobs: list[str] = []
@@ -189,11 +189,12 @@ class FleeceSession:
         try:
             return await self._setup()
         except BaseException:
-            await self.teardown()
+            await run_to_completion(self.teardown())
             raise
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.teardown()
+        # a teardown cut short by a signal would leave the guest writing through our filter
+        await run_to_completion(self.teardown())
 
     def scratch_full(self) -> str | None:
         """Why the view may have broken, if the scratch area is (nearly) full."""
@@ -210,7 +211,7 @@ class FleeceSession:
         )
 
     async def _setup(self) -> list[DiskExport]:
-        self.scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.scratch_dir, "scratch_dir")
         if self.method == SNAPSHOT_ACCESS:
             nodes = await self._setup_snapshot_access()
         else:
@@ -230,7 +231,7 @@ class FleeceSession:
                 "writable": False,
                 "description": f"backupd {self.backup_id} {disk.name}",
             }
-            if self.parent_id is not None:
+            if self.parent_bitmap is not None:
                 args["bitmaps"] = [EXPORT_BITMAP]
             await self.monitor.execute("block-export-add", args)
             self._exports.append(export_id)
@@ -239,7 +240,9 @@ class FleeceSession:
                     disk=disk,
                     export=disk.name,
                     uri=str(unix_uri(str(self.socket), disk.name)),
-                    dirty_context=f"qemu:dirty-bitmap:{EXPORT_BITMAP}" if self.parent_id else None,
+                    dirty_context=f"qemu:dirty-bitmap:{EXPORT_BITMAP}"
+                    if self.parent_bitmap
+                    else None,
                 )
             )
         return exports
@@ -248,16 +251,16 @@ class FleeceSession:
         return [
             {
                 "type": "block-dirty-bitmap-add",
-                "data": {"node": d.node, "name": bitmap_name(self.backup_id), "persistent": True},
+                "data": {"node": d.node, "name": self.bitmap, "persistent": True},
             }
             for d in self.disks
         ]
 
     def _frozen_parent_actions(self, disk: Disk, node: str) -> list[dict[str, object]]:
         """A disabled copy of the parent's bitmap on ``node``: what the export offers."""
-        if self.parent_id is None:
+        if self.parent_bitmap is None:
             return []
-        parent = {"node": disk.node, "name": bitmap_name(self.parent_id)}
+        parent = {"node": disk.node, "name": self.parent_bitmap}
         return [
             {
                 "type": "block-dirty-bitmap-add",
@@ -311,14 +314,9 @@ class FleeceSession:
                     },
                 }
             )
-        if self.before is not None:
-            await self.before()
-        try:
+        async with self.quiesce():
             await mon.execute("transaction", {"actions": actions})
-        finally:
-            if self.after is not None:
-                await self.after()
-        self.transaction_done = True
+            self.transaction_done = True
         checkpoint("after-transaction")
         self._jobs = [f"{JOB_PREFIX}{i}" for i in range(len(self.disks))]
         return scratch
@@ -336,16 +334,11 @@ class FleeceSession:
             )
             self._nodes.append(node)
         checkpoint("after-scratch")
-        if self.before is not None:
-            await self.before()
-        try:
+        async with self.quiesce():
             # the new bitmaps record from before the point in time on
             await mon.execute("transaction", {"actions": self._new_bitmap_actions()})
             self.transaction_done = True
             await self._insert_filters()
-        finally:
-            if self.after is not None:
-                await self.after()
         checkpoint("after-transaction")
         access = []
         for i in range(len(self.disks)):
@@ -403,7 +396,7 @@ class FleeceSession:
 
     async def _resume(self) -> None:
         try:
-            await asyncio.shield(self.monitor.execute("cont"))
+            await run_to_completion(self.monitor.execute("cont"))
         except QemuError as exc:
             log.error("could not resume the VM after taking the point in time: %s", exc)
             return
@@ -540,10 +533,11 @@ async def _filter_child(monitor: QemuMonitor, node: str) -> str | None:
 
 
 async def cleanup_leftovers(
-    monitor: QemuMonitor, owned_bitmaps: set[str], scratch_dir: Path
+    monitor: QemuMonitor, is_leftover: Callable[[str], bool], scratch_dir: Path
 ) -> list[str]:
     """Undo what a killed run left in qemu and in the scratch folder; returns what was
-    removed.  Bitmaps named ``backupd-*`` that no committed backup owns are removed."""
+    removed.  Bitmaps for which ``is_leftover`` says so are removed (those of this
+    repository that no committed backup owns)."""
     removed: list[str] = []
     state = _read_state(scratch_dir)
     if state.get("paused"):
@@ -597,9 +591,7 @@ async def cleanup_leftovers(
     for node in await named_nodes(monitor):
         for bitmap in node.get("dirty-bitmaps", []) or []:
             name = bitmap.get("name")
-            if name and name.startswith(BITMAP_PREFIX) and name not in owned_bitmaps:
-                if name == EXPORT_BITMAP:
-                    continue
+            if name and name != EXPORT_BITMAP and is_leftover(str(name)):
                 await remove_bitmap(monitor, node["node-name"], name)
                 removed.append(f"bitmap {name} on {node['node-name']}")
     if scratch_dir.is_dir():
@@ -607,7 +599,6 @@ async def cleanup_leftovers(
             for leftover in scratch_dir.glob(pattern):
                 leftover.unlink()
                 removed.append(f"scratch file {leftover.name}")
-        for state_name in (STATE_FILE, STATE_FILE + ".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                (scratch_dir / state_name).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (scratch_dir / STATE_FILE).unlink()
     return removed

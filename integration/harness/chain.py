@@ -69,3 +69,15 @@ def first_difference(a: bytes, b: bytes) -> int | None:
         if a[i] != b[i]:
             return i
     return min(len(a), len(b))
+
+
+def backups(repo: Path, vm: str = "guest1") -> list[Path]:
+    """The committed backup folders of ``vm``, oldest first."""
+    folder = repo / vm
+    return sorted(p for p in folder.iterdir() if p.name[0].isdigit()) if folder.is_dir() else []
+
+
+def checkpoint_bitmap(backup: Path) -> str:
+    """The name of the qemu bitmap of a backup folder (``<repo>/<vm>/<id>``)."""
+    identity = (backup.parent.parent / ".repository-id").read_text().strip()
+    return f"backupd-{identity}-{backup.name}"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from backupd.bitmaps import CheckpointNames
 from backupd.errors import BackupFailed
 from backupd.manifest import DiskRecord, Manifest
 from backupd.planning import plan_backup
 from backupd.qemu.inventory import Bitmap, Disk
 
 ID = "20261124T030000Z"
+NAMES = CheckpointNames("0a1b2c3d")
 
 
 def manifest(disks: dict[str, int]) -> Manifest:
@@ -27,14 +29,14 @@ def manifest(disks: dict[str, int]) -> Manifest:
     )
 
 
-def disk(name: str, size: int = 1 << 20, **bitmap: bool) -> Disk:
+def disk(name: str, size: int = 1 << 20, bitmap_name: str = NAMES.name(ID), **bitmap: bool) -> Disk:
     state = {"recording": True, "persistent": True, "inconsistent": False} | bitmap
     bitmaps = (
         ()
         if bitmap.get("missing")
         else (
             Bitmap(
-                f"backupd-{ID}",
+                bitmap_name,
                 state["recording"],
                 False,
                 state["persistent"],
@@ -48,8 +50,23 @@ def disk(name: str, size: int = 1 << 20, **bitmap: bool) -> Disk:
 
 
 def test_incremental_when_everything_lines_up() -> None:
-    plan = plan_backup("auto", manifest({"vda": 1 << 20}), 3, [disk("vda")], 14)
+    plan = plan_backup("auto", manifest({"vda": 1 << 20}), 3, [disk("vda")], 14, NAMES)
     assert plan.kind == "incremental" and plan.parent is not None
+    assert plan.parent_bitmap == f"backupd-0a1b2c3d-{ID}"
+
+
+def test_bitmap_from_before_repository_ids_continues_the_chain() -> None:
+    disks = [disk("vda", bitmap_name=f"backupd-{ID}"), disk("vdb", bitmap_name=f"backupd-{ID}")]
+    plan = plan_backup("auto", manifest({"vda": 1 << 20, "vdb": 1 << 20}), 1, disks, 14, NAMES)
+    assert plan.kind == "incremental" and plan.parent_bitmap == f"backupd-{ID}"
+
+
+def test_another_repositorys_bitmap_is_not_ours() -> None:
+    other = [disk("vda", bitmap_name=f"backupd-ffffffff-{ID}")]
+    plan = plan_backup("auto", manifest({"vda": 1 << 20}), 1, other, 14, NAMES)
+    assert plan.kind == "full" and f"backupd-0a1b2c3d-{ID} is missing" in plan.reason
+    assert NAMES.owns(f"backupd-0a1b2c3d-{ID}") and not NAMES.owns(f"backupd-ffffffff-{ID}")
+    assert NAMES.is_legacy(f"backupd-{ID}") and not NAMES.is_legacy(f"backupd-{ID}\n")
 
 
 @pytest.mark.parametrize(
@@ -67,12 +84,12 @@ def test_incremental_when_everything_lines_up() -> None:
 def test_full_with_a_reason(
     latest: Manifest | None, chain: int, disks: list[Disk], reason: str
 ) -> None:
-    plan = plan_backup("auto", latest, chain, disks, 14)
+    plan = plan_backup("auto", latest, chain, disks, 14, NAMES)
     assert plan.kind == "full" and reason in plan.reason
     with pytest.raises(BackupFailed, match="incremental backup is not possible"):
-        plan_backup("incremental", latest, chain, disks, 14)
+        plan_backup("incremental", latest, chain, disks, 14, NAMES)
 
 
 def test_forced_full() -> None:
-    plan = plan_backup("full", manifest({"vda": 1 << 20}), 1, [disk("vda")], 14)
+    plan = plan_backup("full", manifest({"vda": 1 << 20}), 1, [disk("vda")], 14, NAMES)
     assert plan.kind == "full" and plan.parent is None

@@ -407,3 +407,30 @@ async def test_pread_many_waits_for_all_then_raises_first_error(sockdir: Path) -
             assert await c.pread(4, 8) == b"aaaa"
             with pytest.raises(ValueError, match="outside the export"):
                 await c.pread_many([(bytearray(8), c.size - 4)])
+
+
+MANY_BITMAPS = ServerConfig(contexts=tuple(f"qemu:dirty-bitmap:b{i}" for i in range(20000)))
+
+
+@pytest.mark.parametrize(
+    ("config", "query", "words"),
+    [
+        (ServerConfig(exports=tuple((f"e{i}", "") for i in range(20000))), "LIST", "replies"),
+        (ServerConfig(exports=(("exp", "d" * 10000),)), "LIST", "too large"),
+        (MANY_BITMAPS, "LIST_META_CONTEXT", "replies"),
+        (MANY_BITMAPS, "SET_META_CONTEXT", "replies"),  # a namespace query in connect()
+    ],
+)
+async def test_handshake_floods_refused(
+    sockdir: Path, config: ServerConfig, query: str, words: str
+) -> None:
+    """A server that lists without end (exports, meta contexts) or sends an oversized
+    listing is refused with one RemoteProtocolError, before memory grows."""
+    async with server(sockdir, config) as srv:
+        with pytest.raises(nbdclient.RemoteProtocolError, match=words):
+            if query == "LIST":
+                await nbdclient.list_exports(srv.uri)
+            elif query == "LIST_META_CONTEXT":
+                await nbdclient.list_meta_contexts(srv.uri, queries=["qemu:dirty-bitmap:"])
+            else:
+                await nbdclient.connect(srv.uri, meta_contexts=["qemu:dirty-bitmap:"])

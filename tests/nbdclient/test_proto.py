@@ -12,20 +12,36 @@ from nbdclient import _handshake as hs
 from nbdclient import _transmission as tx
 from nbdclient.constants import (
     IHAVEOPT,
+    MAX_STRING,
     NBDMAGIC,
     OLDSTYLE_MAGIC,
+    OPTION_REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Info,
     Option,
+    OptionReply,
 )
 from nbdclient.errors import NegotiationError, RemoteProtocolError
 from nbdclient.values import BlockSize, Extent
 
+#: The protocol core: bytes in, values and events out.  Only the asyncio layer
+#: (_negotiate, _connection, client) may touch sockets, TLS or the event loop.
+CORE = (
+    "_handshake.py",
+    "_transmission.py",
+    "_replies.py",
+    "_request.py",
+    "_events.py",
+    "constants.py",
+    "values.py",
+    "errors.py",
+)
+
 
 def test_core_modules_do_no_io() -> None:
     root = Path(__file__).resolve().parents[2] / "nbdclient"
-    for name in ("_handshake.py", "_transmission.py", "constants.py", "values.py", "errors.py"):
+    for name in CORE:
         tree = ast.parse((root / name).read_text())
         imported = {
             alias.name.split(".")[0]
@@ -38,6 +54,14 @@ def test_core_modules_do_no_io() -> None:
             if isinstance(node, ast.ImportFrom) and node.level == 0
         }
         assert not imported & {"asyncio", "socket", "ssl", "selectors"}, name
+        relative = {
+            node.module or alias.name  # "from .x import y" or "from . import x"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+            for alias in node.names
+        }
+        # the core imports only the core
+        assert relative <= {name.removesuffix(".py") for name in CORE}, (name, relative)
 
 
 def test_greeting_newstyle_and_oldstyle() -> None:
@@ -156,3 +180,62 @@ def test_requests() -> None:
     assert len(tx.encode_request(0, 0, 1, 0, 1 << 40, extended=True)) == 32
     with pytest.raises(ValueError):
         tx.encode_request(7, 0, 1, 0, 1 << 40, extended=False)
+
+
+def _meta(context_id: int, name: str) -> bytes:
+    return struct.pack(">I", context_id) + name.encode()
+
+
+def test_set_meta_context_selects_only_what_was_asked() -> None:
+    queries = ("base:allocation", "qemu:dirty-bitmap:")
+    replies = hs.MetaContextReplies(Option.SET_META_CONTEXT, queries)
+    replies.add(_meta(0, "base:allocation"))
+    replies.add(_meta(2, "qemu:dirty-bitmap:b1"))  # under a namespace query
+    assert replies.contexts == {"base:allocation": 0, "qemu:dirty-bitmap:b1": 2}
+    for payload, words in [
+        (_meta(3, "qemu:allocation-depth"), "not asked for"),
+        (_meta(4, "base:allocation"), "twice"),
+        (_meta(2, "qemu:dirty-bitmap:b2"), "id 2 twice"),
+    ]:
+        with pytest.raises(RemoteProtocolError, match=words):
+            replies.add(payload)
+    with pytest.raises(RemoteProtocolError, match="not asked for"):
+        hs.MetaContextReplies(Option.SET_META_CONTEXT, ()).add(_meta(0, "base:allocation"))
+
+
+def test_list_meta_context_is_bounded() -> None:
+    replies = hs.MetaContextReplies(Option.LIST_META_CONTEXT, ())
+    for i in range(hs.MAX_REPLIES):
+        replies.add(_meta(0, f"qemu:dirty-bitmap:b{i}"))  # LIST ids are all 0: fine
+    assert len(replies.contexts) == hs.MAX_REPLIES
+    with pytest.raises(RemoteProtocolError, match="more than 16384 replies"):
+        replies.add(_meta(0, "qemu:dirty-bitmap:one-more"))
+
+
+def test_reply_budget_counts_bytes() -> None:
+    budget = hs.ReplyBudget(Option.LIST)
+    big = bytes(4 + 2 * MAX_STRING)
+    with pytest.raises(RemoteProtocolError, match="LIST"):
+        for _ in range(hs.MAX_REPLY_BYTES // len(big) + 1):
+            budget.spend(big)
+    assert budget.replies < hs.MAX_REPLIES  # the bytes ran out first
+
+
+@pytest.mark.parametrize(
+    ("reply_type", "length", "ok"),
+    [
+        (OptionReply.SERVER, 4 + 2 * MAX_STRING, True),
+        (OptionReply.SERVER, 5 + 2 * MAX_STRING, False),
+        (OptionReply.META_CONTEXT, 4 + MAX_STRING, True),
+        (OptionReply.META_CONTEXT, 5 + MAX_STRING, False),
+        (OptionReply.INFO, 1 << 20, True),
+        (OptionReply.ERR_UNKNOWN, (1 << 20) + 1, False),
+    ],
+)
+def test_option_reply_sizes(reply_type: int, length: int, ok: bool) -> None:
+    raw = struct.pack(">QIII", OPTION_REPLY_MAGIC, Option.GO, reply_type, length)
+    if ok:
+        assert hs.parse_option_reply_header(raw, Option.GO).length == length
+    else:
+        with pytest.raises(RemoteProtocolError, match="too large"):
+            hs.parse_option_reply_header(raw, Option.GO)
