@@ -2,7 +2,9 @@
 qemu-ga, and a workload that appends numbered, fsync'd records (harness/guest.py,
 harness/ext4.py), all through the backupd CLI.  With the agent every point is a frozen
 ext4 (no journal to replay); without it every point is what a crash at that instant
-leaves (clean after journal replay); either way the records are an exact prefix."""
+leaves (clean after journal replay); either way the records are an exact prefix.  And
+the real qemu-ga is never left frozen: not by a signal while it is freezing, not by
+another client's freeze, not by a freeze slower than ``freeze_timeout``."""
 
 from __future__ import annotations
 
@@ -166,22 +168,44 @@ async def test_a_run_interrupted_while_the_guest_freezes_leaves_it_thawed(
     config = config_for(guest, guest_agent=str(guest.agent_path))
     await make_freeze_slow(guest)
     run = await asyncio.create_subprocess_exec(
-        *argv(config, "--log-level", "debug", "run", "--vm", "guest1"),
-        stderr=subprocess.PIPE,
+        *argv(config, "run", "--vm", "guest1"), stderr=subprocess.PIPE
     )
     assert run.stderr is not None
-    log = b""
-    while b"guest-fsfreeze-freeze" not in log:  # the debug log shows the command sent
-        line = await asyncio.wait_for(run.stderr.readline(), 60)
-        assert line, log.decode()
-        log += line
+    await guest.wait_console(r"^guest: fsfreeze-hook freeze")  # qemu-ga starts freezing
     await asyncio.sleep(0.5)  # the freeze (about 6 s) is under way
     run.send_signal(signum)
-    log += await asyncio.wait_for(run.stderr.read(), 60)
-    assert await run.wait() != 0, log.decode()
+    log = await asyncio.wait_for(run.stderr.read(), 60)
+    code = await run.wait()
     # qemu-ga answers once the freeze (and any thaw sent after it) is done
     assert await guest.agent("guest-fsfreeze-status") == "thawed", log.decode()
+    assert "guest: fsfreeze-hook thaw" in guest.console()
+    assert code == 128 + signum, log.decode()  # 130 / 143, as documented
+    assert b"Traceback" not in log, log.decode()
     await guest.wait_records(guest.records_marked() + 20, timeout=30)
     again = backupd(config, "run", "--vm", "guest1")
     assert again.returncode == 0, again.stderr
     assert "guest file systems frozen (1)" in again.stderr, again.stderr
+
+
+async def test_a_guest_left_frozen_is_thawed_and_a_slow_freeze_is_bounded(
+    linux_guest: LinuxGuest, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    guest = linux_guest
+    config = config_for(guest, guest_agent=str(guest.agent_path))
+    assert await guest.agent("guest-fsfreeze-freeze") == 1  # another client's, left behind
+    run = backupd(config, "run", "--vm", "guest1")
+    assert run.returncode == 0, run.stderr
+    assert "were FROZEN" in run.stderr, run.stderr  # said loudly, then thawed
+    assert "guest file systems frozen (1)" in run.stderr, run.stderr  # and quiesced anew
+    assert await guest.agent("guest-fsfreeze-status") == "thawed"
+    (backup,) = point_ids(tmp_path / "repo")
+    assert check_quiesced(restore(config, backup, tmp_path / "first.raw")).records > 0
+
+    config = config_for(guest, guest_agent=str(guest.agent_path), freeze_timeout=2)
+    await make_freeze_slow(guest)  # the freeze alone takes about 6 s
+    slow = backupd(config, "run", "--vm", "guest1")
+    assert slow.returncode == 1, slow.stderr
+    assert "longer than freeze_timeout (2 s)" in slow.stderr, slow.stderr
+    assert await guest.agent("guest-fsfreeze-status") == "thawed"
+    await guest.wait_records(guest.records_marked() + 20, timeout=30)
+    assert point_ids(tmp_path / "repo") == [backup]

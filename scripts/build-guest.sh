@@ -131,6 +131,7 @@ printf '%s\n' "${order[@]}" >"$root/lib/modules/load-order"
 install -m 0755 "$here/guest/init" "$root/init"
 install -m 0755 "$here/guest/shutdown" "$root/sbin/shutdown"
 install -m 0755 "$here/guest/workload" "$root/bin/workload"
+install -D -m 0755 "$here/guest/fsfreeze-hook" "$root/etc/qemu/fsfreeze-hook"
 
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort \
     | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -6n >"$tmp/initrd.cpio.gz"
