@@ -152,7 +152,11 @@ class BackupRun:
             shutil.rmtree(stale, ignore_errors=True)
         private_dir(self.scratch_dir, "scratch_dir")
         self.names = CheckpointNames(self.root.identity())
-        latest = self.repo.latest()
+        latest, damaged = self.repo.latest_good()
+        for skipped, problem in damaged:
+            log.warning(
+                "%s: backup %s is damaged, not continued from: %s", self.vm.name, skipped, problem
+            )
         owned = set(self.names.candidates(latest.id)) if latest is not None else set()
 
         def leftover(name: str) -> bool:

@@ -14,21 +14,16 @@ from typing import Any
 
 import yaml
 
+from backupd import names
 from backupd.errors import ConfigError
 from nbdclient.copy import DEFAULT_REQUEST_SIZE
 
 FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_name(kind: str, name: str) -> str:
-    """VM, disk and backup names end up in paths: no ``/``, no ``..``."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise ConfigError(
-            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-' "
-            "(no '/' and no '..')"
-        )
-    return name
+    """A VM or disk name of the configuration (the rules are :mod:`backupd.names`')."""
+    return names.check_name(kind, name, ConfigError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +71,7 @@ class VMConfig:
     @property
     def qmp_address(self) -> str | tuple[str, int]:
         """A unix socket path, or (host, port) for ``host:port``."""
-        if "/" not in self.qmp and re.match(r"^[^:]+:\d+$", self.qmp):
+        if "/" not in self.qmp and re.fullmatch(r"[^:]+:\d+", self.qmp):
             host, port = self.qmp.rsplit(":", 1)
             return host, int(port)
         return self.qmp

@@ -9,6 +9,7 @@ its algorithm, and one without a name is ``sha256``.
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import blake3
 
@@ -27,4 +28,21 @@ def hexdigest(data: Buffer, algorithm: str = ALGORITHM) -> str:
         return blake3.blake3(data).hexdigest()
     if algorithm == "sha256":
         return hashlib.sha256(data).hexdigest()
+    raise ValueError(f"unknown digest algorithm {algorithm!r}")
+
+
+class Hasher(Protocol):
+    """An incremental digest (``blake3.blake3`` or ``hashlib.sha256``)."""
+
+    def update(self, data: Buffer, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def hasher(algorithm: str = ALGORITHM) -> Hasher:
+    """A new incremental digest of ``algorithm`` (for data read piece by piece)."""
+    if algorithm == "blake3":
+        return blake3.blake3()
+    if algorithm == "sha256":
+        return hashlib.sha256()
     raise ValueError(f"unknown digest algorithm {algorithm!r}")

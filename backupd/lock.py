@@ -11,10 +11,12 @@ can say who is in the way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -23,11 +25,11 @@ from pathlib import Path
 from backupd.errors import BusyError, RepositoryError
 
 
-def _holder_text(path: Path) -> str:
+def _holder_text(fd: int) -> str:
     """Who holds the lock, as its holder wrote it; "" when that holder has gone (a
     reader that left while another still holds the shared lock)."""
     try:
-        text = path.read_text().strip()
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     except OSError:
         return ""
     match = re.search(r"\(pid (\d+)\)", text)
@@ -45,16 +47,21 @@ def _holder_text(path: Path) -> str:
 def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
     """Hold the lock at ``path`` (BusyError when another process holds it)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:  # never through a symlink: the holder line truncates the file
+    try:
+        # never through a symlink: the repository is not trusted, the lock file is written
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise RepositoryError(f"cannot open lock file {path}: {exc.strerror}") from None
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RepositoryError(f"lock file {path} is a symlink: refusing to follow it") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RepositoryError(f"lock file {path} is not a regular file: refusing it")
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder_text(path) or "another backupd process"
+            holder = _holder_text(fd) or "another backupd process"
             raise BusyError(f"vm {vm} is busy: {holder} holds its lock") from None
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         what = purpose or " ".join(os.path.basename(a) for a in sys.argv[:3])

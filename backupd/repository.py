@@ -20,13 +20,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from backupd.config import check_name
 from backupd.errors import ChainError, NotFoundError, RepositoryError, UsageError
 from backupd.faults import checkpoint
 from backupd.lock import vm_lock
 from backupd.manifest import Manifest
+from backupd.names import check_name, is_backup_id
+from backupd.repofiles import open_folder, open_regular
 
-ID_RE = re.compile(r"^\d{8}T\d{6}Z$")
+ID_FORMAT = "%Y%m%dT%H%M%SZ"
 STAGING_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 
@@ -40,7 +41,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def backup_id(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return now.astimezone(dt.UTC).strftime(ID_FORMAT)
 
 
 class StagedBackup:
@@ -54,18 +55,20 @@ class StagedBackup:
         self.committed = False
 
     def file(self, disk: str) -> Path:
-        return self.path / f"{check_name('disk', disk)}.qcow2"
+        return self.path / f"{check_name('disk', disk, RepositoryError)}.qcow2"
 
     def commit(self, manifest: Manifest) -> Path:
         """fsync every file, write the manifest, rename into place, fsync the VM folder."""
+        # (the staging folder is ours, but the repository is not trusted: never follow)
         for entry in self.path.iterdir():
-            fd = os.open(entry, os.O_RDONLY)
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         tmp = self.path / (MANIFEST + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         try:
             os.write(fd, manifest.to_json().encode())
             os.fsync(fd)
@@ -87,8 +90,12 @@ class StagedBackup:
 
 
 class VMRepository:
+    """The backups of one VM.  Everything below the repository root is untrusted:
+    folders and files are opened without following symlinks, and only what has
+    exactly the layout's name and type is read."""
+
     def __init__(self, root: Path, vm: str) -> None:
-        self.vm = check_name("VM", vm)
+        self.vm = check_name("VM", vm, UsageError)
         self.root = root
         self.path = root / vm
         # manifests already parsed, by id: (inode, size, mtime) of the file, manifest
@@ -101,7 +108,12 @@ class VMRepository:
     def ensure(self) -> None:
         for folder in (self.root, self.path):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        fd = self._vm_folder()
+        assert fd is not None
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock(self, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
@@ -116,27 +128,86 @@ class VMRepository:
         with vm_lock(self.path / ".readers", self.vm, shared=not exclusive, purpose=purpose):
             yield
 
-    def ids(self) -> list[str]:
-        if not self.path.is_dir():
+    def _vm_folder(self) -> int | None:
+        """The VM's folder, opened without following a symlink (None when absent)."""
+        try:
+            return open_folder(self.path, None, f"the folder of vm {self.vm} ({self.path})")
+        except FileNotFoundError:
+            return None
+
+    def _entries(self) -> list[os.DirEntry[str]]:
+        fd = self._vm_folder()
+        if fd is None:
             return []
-        return sorted(p.name for p in self.path.iterdir() if ID_RE.match(p.name) and p.is_dir())
+        try:
+            with os.scandir(fd) as entries:
+                return list(entries)
+        finally:
+            os.close(fd)
+
+    def ids(self) -> list[str]:
+        """Every backup id in the VM's folder, damaged ones (a symlink or anything but a
+        folder under a backup's name) included: :meth:`load` says what is wrong."""
+        return sorted(
+            e.name
+            for e in self._entries()
+            if is_backup_id(e.name) and not e.is_file(follow_symlinks=False)
+        )
+
+    def open_file(self, backup: str, name: str) -> int:
+        """A read-only descriptor for ``<vm>/<backup>/<name>``: the VM folder, the backup
+        folder and the file must be exactly that (no symlink, the file a regular file).
+        NotFoundError without that backup; FileNotFoundError without that file."""
+        if not is_backup_id(backup):
+            raise UsageError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
+        vm_fd = self._vm_folder()
+        if vm_fd is None:
+            raise NotFoundError(f"vm {self.vm} has no backup {backup}")
+        try:
+            try:
+                folder = open_folder(backup, vm_fd, f"backup {backup} of vm {self.vm}")
+            except FileNotFoundError:
+                raise NotFoundError(f"vm {self.vm} has no backup {backup}") from None
+            try:
+                return open_regular(name, folder, f"{name} of backup {backup} of vm {self.vm}")
+            finally:
+                os.close(folder)
+        finally:
+            os.close(vm_fd)
+
+    def read_own_file(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        """The content of backupd's own file ``<vm>/<name>`` (``.status.json``), read
+        without following a symlink; None when it is absent, not a regular file or
+        larger than ``limit``."""
+        folder = self._vm_folder()
+        if folder is None:
+            return None
+        try:
+            fd = open_regular(name, folder, f"{name} of vm {self.vm}")
+        except (OSError, RepositoryError):
+            return None
+        finally:
+            os.close(folder)
+        with open(fd, "rb") as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
 
     def load(self, backup: str) -> Manifest:
-        if not ID_RE.match(backup):
-            raise UsageError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
-        path = self.path / backup / MANIFEST
+        """The manifest of ``backup`` (RepositoryError when it is damaged)."""
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-                cached = self._loaded.get(backup)
-                if cached is not None and cached[0] == identity:
-                    return cached[1]  # parsed before and unchanged (a chain walk after latest)
-                text = f.read().decode()
+            fd = self.open_file(backup, MANIFEST)
         except FileNotFoundError:
-            if (self.path / backup).is_dir():
-                raise RepositoryError(f"backup {backup} of vm {self.vm} has no manifest") from None
-            raise NotFoundError(f"vm {self.vm} has no backup {backup}") from None
+            raise RepositoryError(f"backup {backup} of vm {self.vm} has no manifest") from None
+        path = self.path / backup / MANIFEST
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._loaded.get(backup)
+            if cached is not None and cached[0] == identity:
+                return cached[1]  # parsed before and unchanged (a chain walk after latest)
+            raw = f.read()
+        try:
+            text = raw.decode()
         except UnicodeDecodeError as exc:
             raise RepositoryError(f"corrupt manifest {path}: {exc}") from None
         manifest = Manifest.from_json(text, str(path))
@@ -152,6 +223,17 @@ class VMRepository:
         ids = self.ids()
         return self.load(ids[-1]) if ids else None
 
+    def latest_good(self) -> tuple[Manifest | None, list[tuple[str, str]]]:
+        """The newest backup whose manifest is sound, and the newer ones skipped because
+        theirs is damaged, with why (a run continues from the newest good backup)."""
+        skipped: list[tuple[str, str]] = []
+        for backup in reversed(self.ids()):
+            try:
+                return self.load(backup), skipped
+            except RepositoryError as exc:
+                skipped.append((backup, str(exc)))
+        return None, skipped
+
     def resolve(self, backup: str | None) -> Manifest:
         """A backup by id, or the newest for None / ``latest``."""
         if backup in (None, "latest"):
@@ -163,30 +245,37 @@ class VMRepository:
         return self.load(backup)
 
     def chain(self, backup: str) -> list[Manifest]:
-        """The backups ``backup`` depends on, from its full to itself."""
-        chain: list[Manifest] = []
-        current: str | None = backup
-        while current is not None:
-            manifest = self.load(current)
-            chain.append(manifest)
-            if manifest.kind == "full":
-                break
-            current = manifest.parent
-            if current is None or len(chain) > 10000:
-                raise ChainError(f"backup {backup} of vm {self.vm} has a broken chain")
-            if not (self.path / current).is_dir():
+        """The backups ``backup`` depends on, from its full to itself.  Always ends:
+        a missing or damaged parent or a cycle is a ChainError."""
+        chain = [self.load(backup)]
+        seen = {backup}
+        while chain[-1].parent is not None:
+            child, parent = chain[-1], chain[-1].parent
+            if parent in seen:
+                raise ChainError(f"backup {child.id} of vm {self.vm}: its chain loops at {parent}")
+            seen.add(parent)
+            try:
+                chain.append(self.load(parent))
+            except NotFoundError:
                 raise ChainError(
-                    f"backup {manifest.id} of vm {self.vm} needs missing parent {current}"
-                )
+                    f"backup {child.id} of vm {self.vm} needs missing parent {parent}"
+                ) from None
+            except RepositoryError as exc:
+                raise ChainError(
+                    f"backup {child.id} of vm {self.vm} needs damaged parent {parent}: {exc}"
+                ) from None
         return list(reversed(chain))
 
     def new_id(self, now: dt.datetime | None = None) -> str:
-        moment = now or dt.datetime.now(dt.UTC)
-        existing = set(self.ids()) | {p.name[len(STAGING_PREFIX) :] for p in self.staging()}
-        candidate = backup_id(moment)
-        while candidate in existing or (self.ids() and candidate <= self.ids()[-1]):
-            moment += dt.timedelta(seconds=1)
-            candidate = backup_id(moment)
+        """An id for a new backup: now, or one second after the newest id in the folder
+        when the clock is behind it (computed, not searched: a clock a year behind costs
+        nothing)."""
+        candidate = backup_id(now or dt.datetime.now(dt.UTC))
+        taken = self.ids() + [p.name[len(STAGING_PREFIX) :] for p in self.staging()]
+        newest = max((b for b in taken if is_backup_id(b)), default=None)
+        if newest is not None and candidate <= newest:
+            moment = dt.datetime.strptime(newest, ID_FORMAT).replace(tzinfo=dt.UTC)
+            candidate = backup_id(moment + dt.timedelta(seconds=1))
         return candidate
 
     def stage(self, backup: str) -> StagedBackup:
@@ -196,9 +285,7 @@ class VMRepository:
         return staged
 
     def staging(self) -> list[Path]:
-        if not self.path.is_dir():
-            return []
-        return [p for p in self.path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+        return [self.path / e.name for e in self._entries() if e.name.startswith(STAGING_PREFIX)]
 
 
 IDENTITY_FILE = ".repository-id"

@@ -144,8 +144,10 @@ async def restore_to_nbd(
     clients = await _connect_all(uri, 1)
     try:
         dst = await nbdclient.connect(target)
-    except BaseException:
+    except BaseException as exc:
         await clients[0].disconnect()
+        if isinstance(exc, nbdclient.NBDError):  # refused, TLS failed, unreachable
+            raise BackupdError(f"cannot open the NBD target: {exc}") from exc
         raise
     try:
         size = clients[0].size

@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 
 from backupd.config import Retention
+from backupd.errors import ChainError
 
 
 def _parse(backup: str) -> dt.datetime:
@@ -41,11 +42,16 @@ def select(backups: Sequence[str], policy: Retention) -> dict[str, str]:
 
 
 def close_over_chains(keep: Mapping[str, str], parents: Mapping[str, str | None]) -> dict[str, str]:
-    """Add every backup a kept backup needs through its backing chain."""
+    """Add every backup a kept backup needs through its backing chain (ChainError when
+    the parents loop: the walk always ends)."""
     result = dict(keep)
     for backup in list(keep):
+        seen = {backup}
         parent = parents.get(backup)
         while parent is not None and parent in parents:
+            if parent in seen:
+                raise ChainError(f"the chain of backup {backup} loops at {parent}")
+            seen.add(parent)
             result.setdefault(parent, f"needed by {backup}")
             parent = parents.get(parent)
     return result

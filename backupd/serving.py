@@ -2,8 +2,14 @@
 
 One ``qemu-storage-daemon`` serves every disk of a backup, one export per disk named
 after it.  The backing chain is given to qemu explicitly, node by node, from the
-manifests: the backing file names written in the files are checked but never
-followed, so a crafted backing path cannot make backupd read outside the repository.
+manifests, and every file passes :func:`backupd.chain.chain_files` (the gate: an image
+backupd could have written, at its place in the layout, naming exactly its parent)
+before qemu is started: the names written in the files are checked, never followed.
+Every option reaches qemu as JSON, never spliced into its comma-separated syntax.
+
+Over TCP qemu does the TLS: X.509 (``tls-creds-x509`` on the given folder) or a
+pre-shared key (``tls-creds-psk``, which reads ``keys.psk`` in a folder: backupd
+copies the user's key file into a private folder of its own for it).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.errors import BackupdError, ChainError, NotFoundError
+from backupd.chain import chain_files
+from backupd.errors import BackupdError, NotFoundError, UsageError
 from backupd.manifest import Manifest
-from backupd.qcow2.layout import read_backing_file
 from backupd.repository import VMRepository
 
 log = logging.getLogger("backupd.serve")
@@ -34,31 +40,30 @@ class ServedDisk:
     uri: str
 
 
-def chain_files(repo: VMRepository, backup: Manifest, disk: str) -> list[Path]:
-    """The files of ``disk`` from the full to ``backup``, each checked: present, qcow2,
-    and naming exactly its parent as backing file (inside the repository)."""
-    chain = repo.chain(backup.id)
-    files = []
-    previous: Manifest | None = None
-    for manifest in chain:
-        if disk not in manifest.disks:
-            raise NotFoundError(f"backup {manifest.id} of vm {repo.vm} has no disk {disk!r}")
-        path = repo.path / manifest.id / manifest.disks[disk].file
-        if path.name != f"{disk}.qcow2" or not path.is_file():
-            raise ChainError(f"backup {manifest.id}: file {path.name} of disk {disk} is missing")
+def load_psk_file(path: Path) -> bytes:
+    """A PSK file for qemu's ``tls-creds-psk`` (``username:hexkey`` lines, as GnuTLS's
+    psktool writes them), checked line by line; returned with plain LF line ends."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"cannot read --tls-psk-file {path}: {exc.strerror or exc}") from None
+    lines = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        name, colon, key = line.partition(b":")
         try:
-            _, backing = read_backing_file(str(path))
-        except (OSError, ValueError) as exc:
-            raise ChainError(f"backup {manifest.id}: {exc}") from None
-        expected = None if previous is None else f"../{previous.id}/{disk}.qcow2"
-        if backing != expected:
-            raise ChainError(
-                f"backup {manifest.id} disk {disk}: backing file {backing!r} is not "
-                f"{expected!r}; refusing to follow it"
-            )
-        files.append(path)
-        previous = manifest
-    return files
+            valid = bool(name) and bool(colon) and len(bytes.fromhex(key.decode("ascii"))) > 0
+        except (UnicodeDecodeError, ValueError):
+            valid = False
+        if not valid:
+            raise UsageError(f"--tls-psk-file {path}, line {number}: not USERNAME:HEXKEY")
+        lines.append(line + b"\n")
+    if not lines:
+        raise UsageError(f"--tls-psk-file {path} holds no USERNAME:HEXKEY line")
+    return b"".join(lines)
 
 
 def blockdev_for(files: list[Path], disk: str) -> dict[str, object]:
@@ -87,6 +92,7 @@ class ServedImage:
         socket: Path | None = None,
         listen: tuple[str, int] | None = None,
         tls_dir: Path | None = None,
+        psk_keys: bytes | None = None,
     ) -> None:
         self.repo = repo
         self.manifest = manifest
@@ -101,43 +107,72 @@ class ServedImage:
         self.socket = socket
         self.listen = listen
         self.tls_dir = tls_dir
+        self.psk_keys = psk_keys
         self.proc: asyncio.subprocess.Process | None = None
 
     def _uri(self, disk: str) -> str:
         if self.listen is not None:
             host, port = self.listen
-            scheme = "nbds" if self.tls_dir else "nbd"
-            return f"{scheme}://{host}:{port}/{disk}"
+            scheme = "nbds" if self.tls_dir or self.psk_keys else "nbd"
+            where = f"[{host}]" if ":" in host else host
+            return f"{scheme}://{where}:{port}/{disk}"
         assert self.socket is not None
         return f"nbd+unix:///{disk}?socket={self.socket}"
+
+    def _private_dir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="backupd-serve-", dir="/tmp"))
+        return self._tmp
+
+    def _tls_object(self) -> dict[str, object] | None:
+        """qemu's TLS credentials object for the TCP listener, if any; for PSK it
+        first writes the keys into the private folder that object names."""
+        if self.tls_dir is not None:
+            directory, kind = self.tls_dir, "tls-creds-x509"
+        elif self.psk_keys is not None:
+            directory, kind = self._private_dir(), "tls-creds-psk"
+            fd = os.open(
+                directory / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            with open(fd, "wb") as file:
+                file.write(self.psk_keys)
+        else:
+            return None
+        return {"qom-type": kind, "id": "tls0", "endpoint": "server", "dir": str(directory)}
+
+    def _server_args(self) -> list[str]:
+        """``--object`` (TLS) and ``--nbd-server``, as JSON."""
+        if self.listen is None:
+            assert self.socket is not None
+            server: dict[str, object] = {"addr": {"type": "unix", "path": str(self.socket)}}
+            return ["--nbd-server", json.dumps(server)]
+        host, port = self.listen
+        server = {"addr": {"type": "inet", "host": host, "port": str(port)}}
+        tls = self._tls_object()
+        if tls is None:
+            return ["--nbd-server", json.dumps(server)]
+        server["tls-creds"] = tls["id"]
+        return ["--object", json.dumps(tls), "--nbd-server", json.dumps(server)]
 
     async def __aenter__(self) -> list[ServedDisk]:
         args = ["qemu-storage-daemon"]
         if self.listen is None and self.socket is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="backupd-serve-", dir="/tmp"))
-            self.socket = self._tmp / "nbd.sock"
+            self.socket = self._private_dir() / "nbd.sock"
         served = []
+        tops = {}
         for disk in self.disks:
             files = chain_files(self.repo, self.manifest, disk)
             args += ["--blockdev", json.dumps(blockdev_for(files, disk))]
+            tops[disk] = f"{disk}-{len(files) - 1}"
             served.append(ServedDisk(disk, self.manifest.disks[disk].virtual_size, self._uri(disk)))
-        server = "--nbd-server"
-        if self.listen is not None:
-            host, port = self.listen
-            spec = f"addr.type=inet,addr.host={host},addr.port={port}"
-            if self.tls_dir is not None:
-                args += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={self.tls_dir}"]
-                spec += ",tls-creds=tls0"
-        else:
-            spec = f"addr.type=unix,addr.path={self.socket}"
-        args += [server, spec]
+        try:
+            args += self._server_args()
+        except OSError as exc:
+            await self.stop()
+            raise BackupdError(f"cannot prepare the TLS key for qemu: {exc}") from exc
         for disk in self.disks:
-            args += [
-                "--export",
-                f"type=nbd,id={disk},node-name={disk}-"
-                f"{len(chain_files(self.repo, self.manifest, disk)) - 1},name={disk},"
-                "writable=off",
-            ]
+            export = {"type": "nbd", "id": disk, "node-name": tops[disk], "name": disk}
+            args += ["--export", json.dumps({**export, "writable": False})]
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import tempfile
 import time
@@ -14,9 +16,12 @@ from typing import Any
 
 from backupd.config import Config
 from backupd.errors import RepositoryError
+from backupd.names import is_name
 from backupd.repository import Repository, VMRepository
 
 STATUS_FILE = ".status.json"
+
+log = logging.getLogger("backupd")
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
@@ -79,13 +84,32 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
 
 
 def read_status(repo: VMRepository) -> dict[str, Any]:
+    """The recorded runs; an entry of the wrong shape (the repository is not trusted)
+    is left out, as if it had never been written."""
     try:
-        data = json.loads((repo.path / STATUS_FILE).read_text())
-    except PermissionError as exc:
-        raise _unreadable(repo, exc) from None
-    except (OSError, ValueError):
+        raw = repo.read_own_file(STATUS_FILE)
+        data = json.loads(raw) if raw is not None else {}
+    except (OSError, RepositoryError, ValueError, RecursionError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("last_run", "last_success") if _sound(data.get(key))}
+
+
+def _sound(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    numbers = ("started", "duration", "bytes")
+    values = [entry.get(k, 0) for k in numbers]
+    if not all(type(v) in (int, float) and 0 <= v < math.inf for v in values):
+        return False
+    texts = ("result", "backup", "kind", "reason", "error", "consistency")
+    if not all(entry.get(k) is None or isinstance(entry[k], str) for k in texts):
+        return False
+    disks = entry.get("disks", {})
+    return isinstance(disks, dict) and all(
+        is_name(name) and type(count) is int for name, count in disks.items()
+    )
 
 
 def _unreadable(repo: VMRepository, exc: OSError) -> RepositoryError:
@@ -106,7 +130,11 @@ def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, An
     except FileNotFoundError:
         pass  # no run yet
     status = read_status(repo)
-    ids = repo.ids()
+    try:
+        ids = repo.ids()
+    except RepositoryError as exc:  # the VM's folder is a symlink: verify and list say so
+        log.warning("%s", exc)
+        ids = []
     chain_length = 0
     stored = 0
     for backup in ids:

@@ -159,7 +159,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if any(row for row in faults_table.ROWS.values() if item.nodeid in row.tests) or (
             item.get_closest_marker("fault") is not None
         ):
-            faults_table.test_failed(item.nodeid, item.name)
+            faults_table.mark_failed(item.nodeid, item.name)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,4 +1,5 @@
-"""The fault-injection suite's summary table: scenario, trials, failures, changes lost.
+"""The fault-injection suite's summary table: scenario, trials, failures, changes lost,
+escapes (a hostile repository made backupd or qemu open something outside it).
 
 Rows come from the tests' outcomes, not only from what a test chose to record: every row
 a test recorded counts a failure when that test fails (whatever the test had recorded),
@@ -17,6 +18,7 @@ class Row:
     trials: int = 0
     failures: int = 0
     lost: int = 0
+    escapes: int = 0
     tests: set[str] = field(default_factory=set)
 
 
@@ -25,16 +27,17 @@ ROWS: dict[str, Row] = {}
 current_test: str = ""
 
 
-def record(scenario: str, *, failed: bool = False, lost: int = 0) -> None:
+def record(scenario: str, *, failed: bool = False, lost: int = 0, escapes: int = 0) -> None:
     """One trial of ``scenario`` in the current test."""
     row = ROWS.setdefault(scenario, Row(scenario))
     row.trials += 1
     row.failures += int(failed)
     row.lost += lost
+    row.escapes += escapes
     row.tests.add(current_test)
 
 
-def test_failed(test: str, name: str) -> None:
+def mark_failed(test: str, name: str) -> None:
     """The outcome of a test that failed: its rows show at least one failure."""
     rows = [row for row in ROWS.values() if test in row.tests]
     if not rows:
@@ -49,9 +52,12 @@ def table() -> list[str]:
         return []
     width = max(len(r.scenario) for r in ROWS.values())
     lines = [
-        f"| {'scenario':<{width}} | trials | failures | changes lost |",
-        f"|{'-' * (width + 2)}|--------|----------|--------------|",
+        f"| {'scenario':<{width}} | trials | failures | changes lost | escapes |",
+        f"|{'-' * (width + 2)}|--------|----------|--------------|---------|",
     ]
     for r in ROWS.values():
-        lines.append(f"| {r.scenario:<{width}} | {r.trials:>6} | {r.failures:>8} | {r.lost:>12} |")
+        lines.append(
+            f"| {r.scenario:<{width}} | {r.trials:>6} | {r.failures:>8} | {r.lost:>12} "
+            f"| {r.escapes:>7} |"
+        )
     return lines

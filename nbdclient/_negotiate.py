@@ -13,24 +13,13 @@ import ssl
 from dataclasses import dataclass, field
 
 from . import _handshake as hs
+from ._tls import client_context, default_username
 from .constants import Info, Option, OptionReply
 from .errors import ConnectionLostError, NegotiationError, RemoteProtocolError
 from .uri import NBDURI
 from .values import ExportListing, TLSOptions
 
 _GO_INFOS = (Info.EXPORT, Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
-
-
-def make_ssl_context(tls: TLSOptions) -> ssl.SSLContext:
-    """An X.509 client context: TLS >= 1.2, CA file, optional client certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
 
 
 @dataclass(slots=True)
@@ -129,19 +118,36 @@ class Negotiator:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
 
     async def starttls(self, tls: TLSOptions, host: str | None) -> None:
+        """NBD_OPT_STARTTLS and the TLS handshake; never a plaintext fallback."""
+        context = client_context(tls)  # a bad local key file never reaches the server
         ok, reply_type, payload = await self.simple_option(Option.STARTTLS)
         if not ok:
             raise hs.negotiation_error(Option.STARTTLS, reply_type, payload)
-        context = make_ssl_context(tls)
-        server_hostname = tls.server_hostname or host or "localhost"
-        if not context.check_hostname:
-            server_hostname = None  # type: ignore[assignment]
+        self._refuse_early_bytes()
+        server_hostname: str | None = None
+        if context.check_hostname:
+            server_hostname = tls.server_hostname or host or "localhost"
         try:
             await self.writer.start_tls(context, server_hostname=server_hostname)
         except (OSError, ssl.SSLError) as exc:
-            raise NegotiationError(f"TLS handshake failed: {exc}") from exc
+            raise NegotiationError(_tls_failure(tls, exc)) from exc
+        self._refuse_early_bytes()
+        if tls.psk and self.writer.get_extra_info("peercert") is not None:
+            raise NegotiationError("TLS-PSK: the server answered with a certificate, not the key")
         self.tls = True
         self.structured = self.extended = False
+
+    def _refuse_early_bytes(self) -> None:
+        """Nothing may arrive between the STARTTLS reply and the client's next option:
+        bytes there were sent in plaintext (or unasked), and reading them as data of
+        the TLS session would let anyone on the path inject replies."""
+        # StreamReader has no public count of what it holds; _buffer is that count
+        waiting = len(getattr(self.reader, "_buffer", b""))
+        if waiting:
+            raise RemoteProtocolError(
+                f"server sent {waiting} bytes after accepting STARTTLS, "
+                "before the TLS session was set up"
+            )
 
     async def negotiate_replies(self, *, structured: bool, extended: bool) -> None:
         if extended:
@@ -222,6 +228,32 @@ class Negotiator:
             await self._read(124)
         info = hs.ExportInfo(size=size, flags=flags)
         return info
+
+
+def _psk_user(tls: TLSOptions) -> str:
+    try:
+        return tls.username or default_username()
+    except NegotiationError:
+        return "?"
+
+
+def _tls_failure(tls: TLSOptions, exc: BaseException) -> str:
+    """One line saying why the TLS handshake failed, with the likely causes for PSK."""
+    if tls.psk and isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            "TLS-PSK handshake failed: the server presented a certificate "
+            "(it is set up for X.509, not for a pre-shared key)"
+        )
+    if isinstance(exc, ConnectionError | EOFError) or not str(exc):
+        reason = "the server closed the connection"
+    else:
+        reason = getattr(exc, "reason", None) or str(exc)
+    if tls.psk:
+        return (
+            f"TLS-PSK handshake failed ({reason}): wrong key, "
+            f"or user {_psk_user(tls)!r} unknown to the server"
+        )
+    return f"TLS handshake failed: {reason}"
 
 
 async def negotiate(

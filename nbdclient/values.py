@@ -53,10 +53,13 @@ class ExportListing:
 
 @dataclass(frozen=True, slots=True)
 class TLSOptions:
-    """X.509 TLS settings for NBD_OPT_STARTTLS.
+    """TLS settings for NBD_OPT_STARTTLS: X.509 certificates or a pre-shared key.
 
-    ``ca_file`` verifies the server; ``cert_file``/``key_file`` authenticate the client.
-    When TLS is asked for, the client never falls back to plaintext.
+    X.509: ``ca_file`` verifies the server; ``cert_file``/``key_file`` authenticate the
+    client.  PSK: ``psk_file`` holds ``username:hexkey`` lines (the format of GnuTLS's
+    psktool and qemu's ``keys.psk``); the key of ``username`` is used, by default the
+    login name (as libnbd does).  The two kinds do not mix.  When TLS is asked for,
+    the client never falls back to plaintext.
     """
 
     ca_file: str | None = None
@@ -64,3 +67,14 @@ class TLSOptions:
     key_file: str | None = None
     server_hostname: str | None = None
     verify: bool = True
+    psk_file: str | None = None
+    username: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.psk_file is not None and (self.ca_file or self.cert_file or self.key_file):
+            raise ValueError("TLS with a pre-shared key takes no certificate or CA file")
+
+    @property
+    def psk(self) -> bool:
+        """True for TLS-PSK, False for X.509."""
+        return self.psk_file is not None

@@ -17,6 +17,7 @@ want nbdinfo libnbd-bin
 want nbdcopy libnbd-bin
 want systemd-analyze systemd
 want openssl openssl
+want strace strace  # the hostile-repository suite audits opened paths
 want cpio cpio  # scripts/build-guest.sh packs the Linux test guest's initrd
 # the guest's ext4 disks are made and checked with e2fsprogs, called by path
 for tool in mke2fs e2fsck dumpe2fs debugfs; do

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from backupd.commands import CommandContext
-from backupd.errors import BackupdError
+from backupd.errors import BackupdError, RepositoryError
 from backupd.logs import human_bytes
 from backupd.repository import Repository
 
@@ -28,42 +28,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON array")
 
 
+def _damaged(vm: str, backup: str | None, exc: BackupdError) -> dict[str, Any]:
+    return {
+        "id": backup,
+        "vm": vm,
+        "kind": None,
+        "parent": None,
+        "created": None,
+        "disks": [],
+        "bytes": 0,
+        "quiesced": False,
+        "status": f"damaged: {exc}",
+    }
+
+
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     names = [config.vm(args.vm).name] if args.vm else sorted(config.vms)
     rows: list[dict[str, Any]] = []
     for name in names:
         repo = Repository(config.repository).vm(name)
-        for backup in repo.ids():
+        try:
+            ids = repo.ids()
+        except RepositoryError as exc:  # the VM's folder itself is not a folder
+            rows.append(_damaged(name, None, exc))
+            continue
+        for backup in ids:
             try:
                 m = repo.load(backup)
-                rows.append(
-                    {
-                        "id": m.id,
-                        "vm": name,
-                        "kind": m.kind,
-                        "parent": m.parent,
-                        "created": m.created,
-                        "disks": sorted(m.disks),
-                        "bytes": m.bytes_stored,
-                        "quiesced": m.quiesced,
-                        "status": m.status,
-                    }
-                )
             except BackupdError as exc:
-                rows.append(
-                    {
-                        "id": backup,
-                        "vm": name,
-                        "kind": None,
-                        "parent": None,
-                        "created": None,
-                        "disks": [],
-                        "bytes": 0,
-                        "quiesced": False,
-                        "status": f"damaged: {exc}",
-                    }
-                )
+                rows.append(_damaged(name, backup, exc))
+                continue
+            rows.append(
+                {
+                    "id": m.id,
+                    "vm": name,
+                    "kind": m.kind,
+                    "parent": m.parent,
+                    "created": m.created,
+                    "disks": sorted(m.disks),
+                    "bytes": m.bytes_stored,
+                    "quiesced": m.quiesced,
+                    "status": m.status,
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -74,7 +82,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
     table = [
         (
             r["vm"],
-            r["id"],
+            r["id"] or "-",
             r["kind"] or "-",
             r["parent"] or "-",
             r["created"] or "-",

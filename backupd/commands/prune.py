@@ -8,7 +8,7 @@ import shutil
 
 from backupd.commands import CommandContext
 from backupd.config import Config, VMConfig
-from backupd.errors import BackupdError, UsageError
+from backupd.errors import BackupdError, RepositoryError, UsageError
 from backupd.repository import Repository
 from backupd.retention import close_over_chains, select
 
@@ -74,9 +74,19 @@ def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> int:
         repo.lock(purpose=f"backupd prune --vm {vm.name}"),
         repo.readers(exclusive=True, purpose=f"backupd prune --vm {vm.name}"),
     ):
-        manifests = repo.backups()
+        try:
+            manifests = repo.backups()
+        except RepositoryError as exc:
+            raise RepositoryError(
+                f"nothing pruned: {exc} (see backupd verify --vm {vm.name}; repair or remove it)"
+            ) from None
         parents = {m.id: m.parent for m in manifests}
         keep = close_over_chains(select(list(parents), vm.retention), parents)
+        for backup in keep:  # a kept backup with a broken chain: change nothing
+            try:
+                repo.chain(backup)
+            except RepositoryError as exc:
+                raise RepositoryError(f"nothing pruned: {exc}") from None
         for backup in sorted(parents):
             if backup in keep:
                 report(f"{vm.name}: keep   {backup}  ({keep[backup]})")

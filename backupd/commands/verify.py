@@ -7,9 +7,9 @@ import asyncio
 import logging
 
 from backupd.commands import CommandContext
-from backupd.errors import ExitCode
+from backupd.errors import ExitCode, NotFoundError, RepositoryError
 from backupd.logs import human_bytes
-from backupd.repository import Repository
+from backupd.repository import Repository, VMRepository
 from backupd.verify import verify_backup
 
 NAME = "verify"
@@ -35,32 +35,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", help="every backup of the VM")
 
 
+def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
+    """The backups to verify: all, one, or the latest with what it needs (just the latest
+    when its own manifest is damaged, so that the damage is reported as such)."""
+    if args.all:
+        return repo.ids()
+    if args.backup is not None:
+        return [repo.resolve(args.backup).id]
+    ids = repo.ids()
+    if not ids:
+        raise NotFoundError(f"vm {repo.vm} has no backups in {repo.root}")
+    try:
+        return [m.id for m in repo.chain(ids[-1])]
+    except RepositoryError:
+        return [ids[-1]]
+
+
 async def _verify(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    damaged: list[str] = []
     with repo.readers(purpose=f"backupd verify --vm {args.vm}"):
-        if args.all:
-            ids = repo.ids()
-        else:
-            target = repo.resolve(args.backup)
-            ids = [m.id for m in repo.chain(target.id)] if args.backup is None else [target.id]
-        damaged = 0
+        ids = _targets(repo, args)
         for backup in ids:
             report = await verify_backup(repo, backup)
-            if report.ok:
-                log.info(
-                    "%s/%s: ok (%d digests, %s checked)",
-                    repo.vm,
-                    backup,
-                    report.digests,
-                    human_bytes(report.bytes),
-                )
-            else:
-                damaged += 1
+            if not report.ok:
+                damaged.append(backup)
                 for problem in report.problems:
                     log.error("%s/%s: DAMAGED: %s", repo.vm, backup, problem)
+                continue
+            summary = f"{report.digests} digests, {human_bytes(report.bytes)} checked"
+            broken = [b for b in report.needs if b in damaged]
+            if broken:
+                log.warning(
+                    "%s/%s: ok (%s), but depends on damaged %s",
+                    repo.vm,
+                    backup,
+                    summary,
+                    ", ".join(broken),
+                )
+            else:
+                log.info("%s/%s: ok (%s)", repo.vm, backup, summary)
     if damaged:
-        log.error("%s: %d of %d backups damaged", repo.vm, damaged, len(ids))
+        log.error("%s: %d of %d backups damaged", repo.vm, len(damaged), len(ids))
         return int(ExitCode.DAMAGED)
     return 0
 

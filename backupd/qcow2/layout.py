@@ -88,22 +88,3 @@ def encode_header(
     if len(data) > 1 << cluster_bits:
         raise ValueError("qcow2 header does not fit the first cluster (backing path too long)")
     return data
-
-
-def read_backing_file(path: str) -> tuple[int, str | None]:
-    """(virtual size, backing file name) from a qcow2 header; ValueError if not qcow2."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_LENGTH)
-        if len(head) < 72 or head[:4] != MAGIC:
-            raise ValueError(f"{path} is not a qcow2 file")
-        backing_offset, backing_size = struct.unpack_from(">QI", head, 8)
-        (size,) = struct.unpack_from(">Q", head, 24)
-        if not backing_offset:
-            return size, None
-        if backing_size > 1023:
-            raise ValueError(f"{path}: backing file name too long")
-        f.seek(backing_offset)
-        raw = f.read(backing_size)
-        if len(raw) != backing_size:
-            raise ValueError(f"{path}: truncated header")
-        return size, raw.decode("utf-8", errors="replace")

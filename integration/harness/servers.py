@@ -1,10 +1,12 @@
-"""Real NBD servers for tests: qemu-nbd and nbdkit on private unix sockets, and X.509
-certificates for TLS.  Every launcher kills what it started, by pid."""
+"""Real NBD servers for tests: qemu-nbd and nbdkit on private unix sockets, X.509
+certificates and pre-shared keys for TLS.  Every launcher kills what it started, by pid."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -139,6 +141,30 @@ def make_certificates(directory: Path) -> Path:
     for key in directory.glob("*-key.pem"):
         os.chmod(key, 0o600)
     return directory
+
+
+def make_psk_keys(directory: Path, *users: str) -> Path:
+    """``keys.psk`` (the file qemu's tls-creds-psk reads in its folder) with a random
+    256-bit key per user, as ``psktool`` writes it; returns the file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "keys.psk"
+    path.write_text("".join(f"{user}:{secrets.token_hex(32)}\n" for user in users))
+    path.chmod(0o600)
+    return path
+
+
+def qemu_nbd_psk_args(directory: Path, *, priority: str | None = None) -> list[str]:
+    """qemu-nbd arguments for a TLS-PSK server reading
+    ``directory/keys.psk`` (the object as JSON)."""
+    creds: dict[str, str] = {
+        "qom-type": "tls-creds-psk",
+        "id": "tls0",
+        "endpoint": "server",
+        "dir": str(directory),
+    }
+    if priority is not None:
+        creds["priority"] = priority
+    return ["--object", json.dumps(creds), "--tls-creds", "tls0"]
 
 
 def free_port() -> int:

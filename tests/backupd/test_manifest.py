@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -84,3 +86,75 @@ def test_bad_digest_row_is_a_corrupt_manifest(row: object) -> None:
     data["disks"]["vda"]["digests"].append(row)
     with pytest.raises(RepositoryError, match="corrupt manifest m"):
         Manifest.from_json(json.dumps(data), "m")
+
+
+def _damaged(change: Callable[[dict[str, Any]], object]) -> str:
+    data = json.loads(sample().to_json())
+    change(data)
+    return json.dumps(data)
+
+
+HOSTILE: dict[str, str] = {
+    "not json": "{",
+    "a list": "[]",
+    "a number": "7",
+    "deeply nested": "[" * 100000 + "]" * 100000,
+    "huge integer text": '{"format": 1, "id": ' + "9" * 5000 + "}",
+    "disks a list": _damaged(lambda d: d.update(disks=[])),
+    "disks empty": _damaged(lambda d: d.update(disks={})),
+    "disk a string": _damaged(lambda d: d["disks"].update(vda="x")),
+    "kind a number": _damaged(lambda d: d.update(kind=5)),
+    "kind unknown": _damaged(lambda d: d.update(kind="differential")),
+    "id not an id": _damaged(lambda d: d.update(id="../x")),
+    "id with a newline": _damaged(lambda d: d.update(id="20261125T000000Z\n")),
+    "vm traversal": _damaged(lambda d: d.update(vm="../other")),
+    "parent a number": _damaged(lambda d: d.update(kind="incremental", parent=7)),
+    "parent newer": _damaged(lambda d: d.update(kind="incremental", parent="20261126T000000Z")),
+    "parent itself": _damaged(lambda d: d.update(kind="incremental", parent="20261125T000000Z")),
+    "full with a parent": _damaged(lambda d: d.update(parent="20261124T000000Z")),
+    "missing field": _damaged(lambda d: d.pop("created")),
+    "created with an escape": _damaged(lambda d: d.update(created="\x1b[2J")),
+    "duration NaN": _damaged(lambda d: d.update(duration=float("nan"))),
+    "duration infinite": _damaged(lambda d: d.update(duration=float("inf"))),
+    "quiesced a string": _damaged(lambda d: d.update(quiesced="yes")),
+    "format true": _damaged(lambda d: d.update(format=True)),
+    "file traversal": _damaged(lambda d: d["disks"]["vda"].update(file="../../x/vda.qcow2")),
+    "file other disk": _damaged(lambda d: d["disks"]["vda"].update(file="vdb.qcow2")),
+    "disk name traversal": _damaged(lambda d: d.update(disks={"../vda": d["disks"]["vda"]})),
+    "disk name newline": _damaged(lambda d: d.update(disks={"vda\n": d["disks"]["vda"]})),
+    "disk name mismatch": _damaged(lambda d: d["disks"]["vda"].update(name="vdb")),
+    "virtual size negative": _damaged(lambda d: d["disks"]["vda"].update(virtual_size=-1)),
+    "virtual size huge": _damaged(lambda d: d["disks"]["vda"].update(virtual_size=10**30)),
+    "virtual size float": _damaged(lambda d: d["disks"]["vda"].update(virtual_size=1.5)),
+    "cluster size 3": _damaged(lambda d: d["disks"]["vda"].update(cluster_size=3)),
+    "bytes a bool": _damaged(lambda d: d["disks"]["vda"].update(bytes_stored=True)),
+    "digests a dict": _damaged(lambda d: d["disks"]["vda"].update(digests={})),
+    "run negative length": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(1, -1)),
+    "run zero length": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(1, 0)),
+    "run negative host": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(0, -5)),
+    "run huge host": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(0, 2**64)),
+    "run past the disk": _damaged(
+        lambda d: d["disks"]["vda"]["digests"][0].__setitem__(2, (1 << 20) - 4096)
+    ),
+    "run negative guest": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(2, -1)),
+    "run short digest": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(3, "ab")),
+    "run of five": _damaged(lambda d: d["disks"]["vda"]["digests"][0].append(1)),
+    "run a dict": _damaged(lambda d: d["disks"]["vda"]["digests"].append({"a": 1})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_manifest_of_the_wrong_shape_is_a_corrupt_manifest(case: str) -> None:
+    """Every wrong type, missing field, out-of-range number or unsafe name is one
+    RepositoryError naming the manifest: never another exception."""
+    with pytest.raises(RepositoryError, match="corrupt manifest m: "):
+        Manifest.from_json(HOSTILE[case], "m")
+
+
+def test_unknown_keys_are_ignored_and_old_defaults_apply() -> None:
+    data = json.loads(sample().to_json())
+    data["future"] = {"anything": [1, 2]}
+    for key in ("compressed", "copy_seconds"):
+        del data["disks"]["vda"][key]
+    loaded = Manifest.from_json(json.dumps(data), "m")
+    assert loaded.disks["vda"].copy_seconds == 0.0 and not loaded.disks["vda"].compressed

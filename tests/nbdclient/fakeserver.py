@@ -2,8 +2,9 @@
 cannot (protocol violations, torn replies, extended headers, quirks).
 
 The handshake is configurable (oldstyle greeting, no GO, extended headers, refusing
-STARTTLS, error messages); transmission requests go to a handler coroutine that the
-test supplies and that writes whatever bytes it wants.
+STARTTLS or accepting it and then sending plaintext, error messages); transmission
+requests go to a handler coroutine that the test supplies and that writes whatever
+bytes it wants.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class ServerConfig:
     support_extended: bool = False
     support_structured: bool = True
     refuse_starttls: bool = True
+    # accept STARTTLS and send these bytes in plaintext right after the ACK (an attacker
+    # on the path injecting replies before the TLS session exists)
+    starttls_then: bytes | None = None
     go_error: tuple[int, str] | None = None
     contexts: tuple[str, ...] = ("base:allocation", "qemu:dirty-bitmap:b1")
     block_size: tuple[int, int, int] = (1, 4096, 32 << 20)
@@ -228,7 +232,10 @@ class FakeServer:
             if option == Option.ABORT:
                 self._reply(session, option, OptionReply.ACK)
                 return False
-            if option == Option.STARTTLS:
+            if option == Option.STARTTLS and cfg.starttls_then is not None:
+                self._reply(session, option, OptionReply.ACK)
+                session.write(cfg.starttls_then)
+            elif option == Option.STARTTLS:
                 self._reply(session, option, OptionReply.ERR_POLICY, b"TLS not configured")
             elif option == Option.EXTENDED_HEADERS:
                 if cfg.support_extended:
