@@ -1,17 +1,19 @@
 """Fixtures for tests with real qemu: a short private socket folder, a VM with a byte
-model of its disks, a configuration file, and a runner for the ``backupd`` CLI."""
+model of its disks, a real Linux guest (built once into ``.cache/guest``), a
+configuration file, and a runner for the ``backupd`` CLI."""
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from integration.harness.guest import REPO, GuestBuild, LinuxGuest, build_guest
 from integration.harness.runs import argv
 from integration.harness.s3server import SwiftS3Server
 from integration.harness.vm import QemuVM
@@ -55,6 +57,51 @@ def s3bucket(s3server: SwiftS3Server) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def guest_build() -> GuestBuild:
+    """The Linux guest's kernel and initrd, built once per machine (a later session
+    finds them up to date in .cache/guest)."""
+    return build_guest(REPO / ".cache" / "guest")
+
+
+BootGuest = Callable[..., Awaitable[LinuxGuest]]
+
+
+@pytest.fixture
+async def boot_guest(
+    tmp_path: Path, sockdir: Path, guest_build: GuestBuild
+) -> AsyncIterator[BootGuest]:
+    """``await boot_guest(image=None, workload=True)``: a Linux guest booted (on a new
+    64 MiB ext4 disk, or on IMAGE) and ready; every guest is killed at the end."""
+    guests: list[LinuxGuest] = []
+
+    async def boot(image: Path | None = None, *, workload: bool = True) -> LinuxGuest:
+        n = len(guests)
+        guest = LinuxGuest(
+            tmp_path / f"guest{n}",
+            guest_build,
+            sockdir=sockdir / str(n),
+            image=image,
+            workload=workload,
+        )
+        guests.append(guest)
+        await guest.start()
+        await guest.wait_ready()
+        return guest
+
+    try:
+        yield boot
+    finally:
+        for guest in guests:
+            await guest.kill()
+
+
+@pytest.fixture
+async def linux_guest(boot_guest: BootGuest) -> LinuxGuest:
+    """A Linux guest on a new ext4 disk, its workload appending records."""
+    return await boot_guest()
+
+
 def write_config(
     path: Path, repository: Path, vms: dict[str, dict[str, object]], **top: object
 ) -> Path:
@@ -65,7 +112,7 @@ def write_config(
 
 @pytest.fixture
 def config_for(tmp_path: Path) -> Callable[..., Path]:
-    def make(machine: QemuVM, name: str = "guest1", **vm_settings: object) -> Path:
+    def make(machine: QemuVM | LinuxGuest, name: str = "guest1", **vm_settings: object) -> Path:
         return write_config(
             tmp_path / "backupd.yaml",
             tmp_path / "repo",

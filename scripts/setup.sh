@@ -27,6 +27,11 @@ want swift-account-server swift-account
 want swift-ring-builder swift
 want memcached memcached
 [ -d /usr/lib/python3/dist-packages/swift ] || need_pkgs+=(python3-swift)
+want cpio cpio  # scripts/build-guest.sh packs the Linux test guest's initrd
+# the guest's ext4 disks are made and checked with e2fsprogs, called by path
+for tool in mke2fs e2fsck dumpe2fs debugfs; do
+    [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || need_pkgs+=(e2fsprogs)
+done
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 
 if ((${#need_pkgs[@]})); then
