@@ -9,6 +9,8 @@ another client's freeze, not by a freeze slower than ``freeze_timeout``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import signal
 import subprocess
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import BootGuest, MiB, backupd
+from integration.faults_table import record
 from integration.harness.chain import qemu_img_check
 from integration.harness.ext4 import (
     Ext4Point,
@@ -28,9 +31,11 @@ from integration.harness.ext4 import (
 )
 from integration.harness.guest import LinuxGuest
 from integration.harness.qga import AgentError
-from integration.harness.runs import argv
+from integration.harness.runs import argv, until_backupd_runs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+NOISE = ("Traceback", "Task was destroyed", "Exception ignored", "never retrieved")
 
 
 def point_ids(repo: Path, vm: str = "guest1") -> list[str]:
@@ -209,3 +214,50 @@ async def test_a_guest_left_frozen_is_thawed_and_a_slow_freeze_is_bounded(
     assert await guest.agent("guest-fsfreeze-status") == "thawed"
     await guest.wait_records(guest.records_marked() + 20, timeout=30)
     assert point_ids(tmp_path / "repo") == [backup]
+
+
+async def test_signals_at_random_instants_never_leave_the_real_guest_frozen(
+    linux_guest: LinuxGuest, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    """24 runs against the real qemu-ga, each sent SIGINT or SIGTERM at a random instant
+    of the whole run (backupd's own code running: start-up, leftovers, plan, freeze,
+    cut, copy, commit, rotation): after every exit the guest is thawed and writing, the
+    exit code is 0 (the run had finished) or 128+signal, nothing noisy is printed, and
+    every point that was committed is a frozen, clean ext4."""
+    guest = linux_guest
+    config = config_for(guest, guest_agent=str(guest.agent_path))
+    first = backupd(config, "run", "--vm", "guest1")
+    assert first.returncode == 0, first.stderr
+    span = float(first.stderr.split("duration=")[1].split("s")[0]) + 0.3
+    rng = random.Random(19)
+    outcomes: dict[int, int] = {}
+    for trial in range(24):
+        sig = (signal.SIGINT, signal.SIGTERM)[trial % 2]
+        proc = await asyncio.create_subprocess_exec(
+            *argv(config, "run", "--vm", "guest1"), stderr=subprocess.PIPE
+        )
+        await until_backupd_runs(proc.pid)
+        await asyncio.sleep(rng.uniform(0.0, span))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        assert proc.stderr is not None
+        log = (await asyncio.wait_for(proc.stderr.read(), 120)).decode(errors="replace")
+        code = await proc.wait()
+        outcomes[code] = outcomes.get(code, 0) + 1
+        status = await guest.agent("guest-fsfreeze-status")
+        noisy = [word for word in NOISE if word in log]
+        record(
+            "real guest: SIGINT/SIGTERM at a random instant, thawed, 0 or 128+sig, quiet",
+            failed=status != "thawed" or code not in (0, 128 + sig) or bool(noisy),
+        )
+        assert status == "thawed", f"trial {trial}: guest left {status}\n{log}"
+        assert code in (0, 128 + sig), f"trial {trial}: exit {code}\n{log}"
+        assert not noisy, f"trial {trial}: {noisy}\n{log}"
+        await guest.wait_records(guest.records_marked() + 3, timeout=30)  # still writing
+    print(f"exit codes over 24 trials with the real guest: {outcomes}")
+    assert outcomes.get(0, 0) < 24, "no trial interrupted a run"
+    final = backupd(config, "run", "--vm", "guest1")
+    assert final.returncode == 0, final.stderr
+    for backup in point_ids(tmp_path / "repo")[-3:]:
+        point = check_quiesced(restore(config, backup, tmp_path / f"{backup}.raw"))
+        assert point.records > 0
