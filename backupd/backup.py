@@ -24,11 +24,12 @@ from pathlib import Path
 from backupd.bitmaps import CheckpointNames
 from backupd.config import Config, VMConfig
 from backupd.copying import copy_disks
-from backupd.errors import BackupFailed, QemuError, RepositoryError
+from backupd.errors import BackupFailed, BusyError, QemuError, RepositoryError
 from backupd.faults import checkpoint
 from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
 from backupd.manifest import DiskRecord, Manifest
+from backupd.merge import finish as finish_merge
 from backupd.planning import Plan, plan_backup
 from backupd.private import private_dir
 from backupd.qemu.blockops import remove_bitmap
@@ -152,6 +153,7 @@ class BackupRun:
             log.warning("%s: removing %s left by an interrupted run", self.vm.name, stale.name)
             shutil.rmtree(stale, ignore_errors=True)
         private_dir(self.scratch_dir, "scratch_dir")
+        await self._finish_merge()
         self.names = CheckpointNames(self.root.identity())
         latest, damaged = self.repo.latest_good()
         for skipped, problem in damaged:
@@ -173,6 +175,16 @@ class BackupRun:
         )
         self.result.plan = plan
         return plan
+
+    async def _finish_merge(self) -> None:
+        """A prune that was killed is finished first (its backups are being changed)."""
+        if not self.repo.unfinished_merge():
+            return
+        try:
+            with self.repo.readers(exclusive=True, purpose=f"backupd run --vm {self.vm.name}"):
+                await finish_merge(self.repo)
+        except BusyError as exc:  # a serve or restore reads the VM's backups now
+            log.warning("%s: an interrupted merge waits for the next run: %s", self.vm.name, exc)
 
     def _chain_length(self, latest: Manifest | None) -> int | None:
         """Incrementals since the full; None for a broken chain (a new full follows)."""

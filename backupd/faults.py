@@ -8,7 +8,9 @@ the whole process there for 2 s.  Unset, a checkpoint costs one dict
 lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch, mid-filters
 (snapshot-access: a filter is in; a running VM with several disks is paused there),
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
-before-rename, after-commit, mid-rotate, after-rotate.
+before-rename, after-commit, mid-rotate, after-rotate; and of a merge (prune, merge,
+or a run finishing one): merge-after-journal, merge-after-qemu-img, merge-before-exchange,
+merge-mid-exchange, merge-before-manifest, merge-after-exchange, merge-mid-remove, merge-done.
 """
 
 from __future__ import annotations

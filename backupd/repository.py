@@ -32,6 +32,11 @@ STAGING_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 
 
+#: the journal of a merge in progress (backupd.merge.journal)
+MERGE_JOURNAL = ".merge.json"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -175,6 +180,48 @@ class VMRepository:
         finally:
             os.close(vm_fd)
 
+    def folder(self, backup: str | None = None) -> int:
+        """A descriptor of the VM's folder, or of one backup's folder in it, opened
+        without following a symlink at any level (for writes made with ``dir_fd``);
+        FileNotFoundError when it is absent.  The caller closes it."""
+        vm_fd = self._vm_folder()
+        if vm_fd is None:
+            raise FileNotFoundError(self.path)
+        if backup is None:
+            return vm_fd
+        if not is_backup_id(backup):
+            raise UsageError(f"invalid backup id {backup!r} (expected like 20261124T030000Z)")
+        try:
+            return open_folder(backup, vm_fd, f"backup {backup} of vm {self.vm}")
+        finally:
+            os.close(vm_fd)
+
+    def write_own_file(self, name: str, data: bytes) -> None:
+        """Replace backupd's own file ``<vm>/<name>`` atomically (0600, never through a
+        symlink), and make the change durable."""
+        folder = self.folder()
+        tmp = f".{name}.{os.urandom(6).hex()}"
+        try:
+            fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=folder)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def remove_own_file(self, name: str) -> None:
+        folder = self.folder()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
     def read_own_file(self, name: str, limit: int = 1 << 20) -> bytes | None:
         """The content of backupd's own file ``<vm>/<name>`` (``.status.json``), read
         without following a symlink; None when it is absent, not a regular file or
@@ -234,8 +281,23 @@ class VMRepository:
                 skipped.append((backup, str(exc)))
         return None, skipped
 
+    def unfinished_merge(self) -> bool:
+        """A merge (prune) was interrupted and is not finished yet."""
+        return self.read_own_file(MERGE_JOURNAL) is not None
+
+    def refuse_unfinished_merge(self) -> None:
+        """RepositoryError while a merge is unfinished (its backups are being changed):
+        for commands that read backups."""
+        if self.unfinished_merge():
+            raise RepositoryError(
+                f"vm {self.vm}: a merge (prune) was interrupted; finish it first with "
+                f"backupd prune --vm {self.vm} (or the next backupd run)"
+            )
+
     def resolve(self, backup: str | None) -> Manifest:
-        """A backup by id, or the newest for None / ``latest``."""
+        """A backup by id, or the newest for None / ``latest`` (refused while a merge is
+        unfinished)."""
+        self.refuse_unfinished_merge()
         if backup in (None, "latest"):
             latest = self.latest()
             if latest is None:

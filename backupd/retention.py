@@ -1,13 +1,13 @@
 """Retention: which backups to keep (keep_last, keep_daily, keep_weekly, keep_monthly),
-pure and testable.  A backup that a kept backup needs through its chain is kept too."""
+pure and testable.  What becomes of the others (merged into a kept one, or removed) is
+:mod:`backupd.merge.plan`'s business."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from backupd.config import Retention
-from backupd.errors import ChainError
 
 
 def _parse(backup: str) -> dt.datetime:
@@ -39,19 +39,3 @@ def select(backups: Sequence[str], policy: Retention) -> dict[str, str]:
             if len(seen) >= count:
                 break
     return keep
-
-
-def close_over_chains(keep: Mapping[str, str], parents: Mapping[str, str | None]) -> dict[str, str]:
-    """Add every backup a kept backup needs through its backing chain (ChainError when
-    the parents loop: the walk always ends)."""
-    result = dict(keep)
-    for backup in list(keep):
-        seen = {backup}
-        parent = parents.get(backup)
-        while parent is not None and parent in parents:
-            if parent in seen:
-                raise ChainError(f"the chain of backup {backup} loops at {parent}")
-            seen.add(parent)
-            result.setdefault(parent, f"needed by {backup}")
-            parent = parents.get(parent)
-    return result

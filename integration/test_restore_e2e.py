@@ -255,13 +255,14 @@ async def test_prune_across_chains(
     config.write_text(yaml.safe_dump(data))
     before = backups(tmp_path / "repo")
     dry = backupd(config, "prune", "--vm", "guest1", "--dry-run")
-    assert dry.returncode == 0 and dry.stdout.count("would remove") == 3
+    assert dry.returncode == 0 and dry.stdout.count("would remove") == 3  # the old chain
+    assert f"{before[3].name}  would merge into {before[4].name}" in dry.stdout
     assert backups(tmp_path / "repo") == before
     result = backupd(config, "prune", "--vm", "guest1")
     assert result.returncode == 0, result.stderr
-    kept = backups(tmp_path / "repo")
-    assert [k.name for k in kept] == [b.name for b in before[3:]]
-    for folder, expected in zip(kept, points[3:], strict=True):
+    kept = backups(tmp_path / "repo")  # exactly what keep_last selects
+    assert [k.name for k in kept] == [before[4].name]
+    for folder, expected in zip(kept, points[4:], strict=True):
         out = tmp_path / f"p-{folder.name}.raw"
         assert restore(config, out, folder.name).returncode == 0
         assert out.read_bytes() == expected

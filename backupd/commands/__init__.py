@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from backupd.config import Config
 
-VERBS = ("run", "list", "status", "serve", "restore", "verify", "prune")
+VERBS = ("run", "list", "status", "serve", "restore", "verify", "prune", "merge")
 
 
 class Command(Protocol):

@@ -9,7 +9,8 @@ from typing import Any
 from backupd.commands import CommandContext
 from backupd.errors import BackupdError, RepositoryError
 from backupd.logs import human_bytes
-from backupd.repository import Repository
+from backupd.merge.journal import read_journal
+from backupd.repository import Repository, VMRepository
 
 NAME = "list"
 HELP = "list backups"
@@ -42,6 +43,20 @@ def _damaged(vm: str, backup: str | None, exc: BackupdError) -> dict[str, Any]:
     }
 
 
+def _merging(repo: VMRepository) -> dict[str, str]:
+    """The backups an interrupted merge is changing, and how (until prune finishes it)."""
+    try:
+        journal = read_journal(repo)
+    except RepositoryError:
+        return {}
+    if journal is None:
+        return {}
+    return {
+        backup: f"interrupted merge: {journal.plan.action(backup)} (run prune to finish)"
+        for backup in (*journal.plan.dropped, *(f.target for f in journal.plan.folds))
+    }
+
+
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     names = [config.vm(args.vm).name] if args.vm else sorted(config.vms)
@@ -53,6 +68,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
         except RepositoryError as exc:  # the VM's folder itself is not a folder
             rows.append(_damaged(name, None, exc))
             continue
+        merging = _merging(repo)
         for backup in ids:
             try:
                 m = repo.load(backup)
@@ -69,7 +85,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
                     "disks": sorted(m.disks),
                     "bytes": m.bytes_stored,
                     "quiesced": m.quiesced,
-                    "status": m.status,
+                    "status": merging.get(m.id, m.status),
                 }
             )
     if args.json:

@@ -1,26 +1,33 @@
-"""``backupd prune``: remove backups the retention policy no longer keeps."""
+"""``backupd prune``: keep what the retention policy selects; fold the rest into it."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-import shutil
 
 from backupd.commands import CommandContext
 from backupd.config import Config, VMConfig
-from backupd.errors import BackupdError, RepositoryError, UsageError
+from backupd.errors import BackupdError, UsageError
+from backupd.manifest import Manifest
+from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
-from backupd.retention import close_over_chains, select
+from backupd.retention import select
 
 NAME = "prune"
-HELP = "remove backups the retention policy does not keep"
+HELP = "keep what the retention policy selects; merge or remove the rest"
 DESCRIPTION = """\
 Apply the retention policy (keep_last, keep_daily, keep_weekly, keep_monthly; top-level
-defaults, overridable per VM).  A backup that a kept backup needs through its chain is
-kept.  Nothing is removed while a backup, serve or restore of the VM is running.
+defaults, overridable per VM).  Afterwards the repository holds exactly the backups the
+policy selects: older backups a kept one builds on are merged into it (the oldest kept
+backup of a chain becomes a full; dropped backups between two kept ones are merged into
+the later one), and the others are removed.  Merging copies only what the merged
+backups hold, never the whole disk again, and every backup stays a plain qcow2 file.
+Nothing changes while a backup, serve or restore of the VM is running; an interrupted
+prune is finished by the next prune or backup run.
 
 examples:
-  backupd prune --vm guest1 --dry-run
+  backupd prune --vm guest1 --dry-run   # per backup: keep / remove / merge into X
   backupd prune --vm guest1
   backupd prune --all          # every VM with a retention policy (others are skipped)
 """
@@ -38,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--all", action="store_true", help="every VM with a retention policy configured"
     )
-    parser.add_argument("--dry-run", action="store_true", help="only say what would go")
+    parser.add_argument("--dry-run", action="store_true", help="only say what would happen")
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
@@ -49,7 +56,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             raise UsageError(
                 f"no retention configured for vm {vm.name} (keep_last, keep_daily, ...)"
             )
-        return _prune(config, vm, args.dry_run, context.quiet)
+        return asyncio.run(_prune(config, vm, args.dry_run, context.quiet))
     worst = 0
     for name in sorted(config.vms):
         vm = config.vm(name)
@@ -57,7 +64,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             log.info("%s: no retention configured; nothing pruned", name)
             continue
         try:
-            code = _prune(config, vm, args.dry_run, context.quiet)
+            code = asyncio.run(_prune(config, vm, args.dry_run, context.quiet))
         except BackupdError as exc:
             log.error("%s: %s", name, exc)
             code = exc.exit_code
@@ -65,39 +72,18 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
     return worst
 
 
-def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> int:
-    """Prune one VM; the keep/remove report goes to stdout unless ``quiet`` (a dry run
+async def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> int:
+    """Prune one VM; the per-backup report goes to stdout unless ``quiet`` (a dry run
     always reports)."""
-    report = print if dry_run or not quiet else _silent
-    repo = Repository(config.repository).vm(vm.name)
-    with (
-        repo.lock(purpose=f"backupd prune --vm {vm.name}"),
-        repo.readers(exclusive=True, purpose=f"backupd prune --vm {vm.name}"),
-    ):
-        try:
-            manifests = repo.backups()
-        except RepositoryError as exc:
-            raise RepositoryError(
-                f"nothing pruned: {exc} (see backupd verify --vm {vm.name}; repair or remove it)"
-            ) from None
-        parents = {m.id: m.parent for m in manifests}
-        keep = close_over_chains(select(list(parents), vm.retention), parents)
-        for backup in keep:  # a kept backup with a broken chain: change nothing
-            try:
-                repo.chain(backup)
-            except RepositoryError as exc:
-                raise RepositoryError(f"nothing pruned: {exc}") from None
-        for backup in sorted(parents):
-            if backup in keep:
-                report(f"{vm.name}: keep   {backup}  ({keep[backup]})")
-            else:
-                report(
-                    f"{vm.name}: {'would remove' if dry_run else 'remove'} {backup}  "
-                    "(not kept by the retention policy)"
-                )
-        if dry_run:
-            return 0
-        for backup in sorted(set(parents) - set(keep), reverse=True):
-            shutil.rmtree(repo.path / backup)
-            log.info("%s: removed backup %s", vm.name, backup)
+
+    def policy(manifests: list[Manifest]) -> set[str]:
+        return set(select([m.id for m in manifests], vm.retention))
+
+    await merge_vm(
+        Repository(config.repository).vm(vm.name),
+        policy,
+        purpose=f"backupd prune --vm {vm.name}",
+        dry_run=dry_run,
+        report=print if dry_run or not quiet else _silent,
+    )
     return 0

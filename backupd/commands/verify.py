@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
     """The backups to verify: all, one, or the latest with what it needs (just the latest
     when its own manifest is damaged, so that the damage is reported as such)."""
+    repo.refuse_unfinished_merge()
     if args.all:
         return repo.ids()
     if args.backup is not None:

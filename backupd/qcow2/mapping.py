@@ -80,12 +80,14 @@ class ClusterMap:
             return Cluster(index, Kind.ZERO)
         return Cluster(index, Kind.ABSENT)
 
+    def entry(self, index: int) -> int:
+        """The raw L2 entry of guest cluster ``index`` (0 when its table is absent)."""
+        table = self._table(index // self.per_table)
+        return 0 if table is None else table[index % self.per_table]
+
     def lookup(self, index: int) -> Cluster:
         """What this file says of guest cluster ``index``."""
-        table = self._table(index // self.per_table)
-        if table is None:
-            return Cluster(index, Kind.ABSENT)
-        return self._classify(index, table[index % self.per_table])
+        return self._classify(index, self.entry(index))
 
     def held(self) -> Iterator[Cluster]:
         """Every guest cluster this file holds itself (data, zero or compressed), in order."""

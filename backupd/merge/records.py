@@ -1,0 +1,126 @@
+"""A kept backup's disk record after a fold: digests that stay true without re-reading
+what the fold did not touch.
+
+Down (the full's file becomes the kept backup's): the full's digest runs whose clusters
+the folded backups did not hold are still exact (qemu-img commit never moves a cluster
+and wrote none of them); the clusters they held are hashed anew where they now lie.
+Up (the kept backup's own file gains what it needed of the folded ones): every one of
+its runs is still exact (qemu-img rebase writes only clusters the file did not hold);
+the clusters it gained are hashed.  Either way the bytes read are about the bytes merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Collection, Iterable
+
+from backupd.digests import hasher
+from backupd.manifest import DigestRun, DiskRecord
+from backupd.qcow2 import layout
+from backupd.qcow2.mapping import Cluster, ClusterMap, Kind
+
+#: new runs are hashed in pieces of at most this size
+RUN = 4 << 20
+
+
+def _guest_clusters(run: DigestRun, cluster_size: int) -> range:
+    first = run.guest_offset // cluster_size
+    return range(first, max(first + 1, -(-(run.guest_offset + run.length) // cluster_size)))
+
+
+def _still_exact(run: DigestRun, mapping: ClusterMap, touched: Collection[int]) -> bool:
+    size = mapping.cluster_size
+    clusters = _guest_clusters(run, size)
+    if any(c in touched for c in clusters):
+        return False
+    first = mapping.lookup(clusters[0])
+    if first.kind is Kind.COMPRESSED:
+        return len(clusters) == 1
+    return all(
+        (found := mapping.lookup(c)).kind is Kind.DATA
+        and found.host == run.host_offset + (c - clusters[0]) * size
+        for c in clusters
+    )
+
+
+def _hash(fd: int, offset: int, length: int, algorithm: str) -> str:
+    digest = hasher(algorithm)
+    done = 0
+    while done < length:
+        piece = os.pread(fd, min(RUN, length - done), offset + done)
+        if not piece:
+            raise OSError(f"short read at {offset + done}")
+        digest.update(piece)
+        done += len(piece)
+    return digest.hexdigest()
+
+
+def _new_runs(mapping: ClusterMap, clusters: Iterable[Cluster], algorithm: str) -> list[DigestRun]:
+    """Runs over ``clusters`` as they lie in the file: data clusters adjacent in the guest
+    and on the host form one run (at most :data:`RUN`), a compressed one its own run."""
+    size, virtual = mapping.cluster_size, mapping.virtual_size
+    spans: list[tuple[int, int, int]] = []  # host, length, guest
+    for cluster in sorted(clusters, key=lambda c: c.index):
+        guest = cluster.index * size
+        if cluster.kind is Kind.COMPRESSED:  # the sectors its entry names
+            start, end = layout.compressed_span(mapping.cluster_bits, mapping.entry(cluster.index))
+            spans.append((start, end - start, guest))
+            continue
+        if cluster.kind is not Kind.DATA:
+            continue
+        length = min(size, virtual - guest)
+        host, last_length, last_guest = spans[-1] if spans else (0, 0, -1)
+        if (
+            spans
+            and last_guest + last_length == guest
+            and host + last_length == cluster.host
+            and last_length % size == 0
+            and last_length + length <= RUN
+            and not mapping.entry(last_guest // size) & layout.OFLAG_COMPRESSED
+        ):
+            spans[-1] = (host, last_length + length, last_guest)
+        else:
+            spans.append((cluster.host, length, guest))
+    return [
+        DigestRun(host, length, guest, _hash(mapping.fd, host, length, algorithm))
+        for host, length, guest in spans
+    ]
+
+
+def _record(base: DiskRecord, target: DiskRecord, runs: list[DigestRun]) -> DiskRecord:
+    runs.sort(key=lambda r: r.guest_offset)
+    return dataclasses.replace(
+        target,
+        digests=tuple(runs),
+        digest_algorithm=base.digest_algorithm,
+        bytes_stored=sum(r.length for r in runs),
+        data_extents=len(runs),
+        compressed=base.compressed or target.compressed,
+    )
+
+
+def after_down(
+    fd: int, full: DiskRecord, target: DiskRecord, touched: Collection[int]
+) -> DiskRecord:
+    """The record of the full's file, now holding ``target``'s point, after the folded
+    backups' clusters ``touched`` were committed into it."""
+    mapping = ClusterMap(fd)
+    kept = [run for run in full.digests if _still_exact(run, mapping, touched)]
+    fresh = _new_runs(mapping, (mapping.lookup(c) for c in touched), full.digest_algorithm)
+    return _record(full, target, kept + fresh)
+
+
+def after_up(fd: int, target: DiskRecord) -> DiskRecord:
+    """The record of ``target``'s file after it gained what the folded backups held."""
+    mapping = ClusterMap(fd)
+    kept = [run for run in target.digests if _still_exact(run, mapping, ())]
+    covered = {c for run in kept for c in _guest_clusters(run, mapping.cluster_size)}
+    gained = [c for c in mapping.held() if c.index not in covered]
+    fresh = _new_runs(mapping, gained, target.digest_algorithm)
+    return _record(target, target, kept + fresh)
+
+
+def held_clusters(fd: int) -> set[int]:
+    """The guest clusters a file holds itself (data, zero or compressed)."""
+    return {cluster.index for cluster in ClusterMap(fd).held()}
