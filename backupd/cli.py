@@ -44,18 +44,9 @@ examples:
 log = logging.getLogger("backupd")
 
 
-def _load_verbs() -> list[ModuleType]:
-    modules = []
-    for verb in VERBS:
-        try:
-            modules.append(importlib.import_module(f"backupd.commands.{verb}"))
-        except ModuleNotFoundError as err:
-            if err.name != f"backupd.commands.{verb}":
-                raise
-    return modules
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``verb``'s module is imported and given its arguments (the
+    others are listed with their help)."""
     parser = argparse.ArgumentParser(
         prog="backupd",
         description="Incremental, point-in-time-consistent backups of running qemu VMs.",
@@ -82,16 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for module in _load_verbs():
+    for name, text in VERBS.items():
+        if name != verb:
+            sub.add_parser(name, help=text, add_help=False)
+            continue
+        module: ModuleType = importlib.import_module(f"backupd.commands.{name}")
         verb_parser = sub.add_parser(
-            module.NAME,
-            help=module.HELP,
+            name,
+            help=text,
             description=module.DESCRIPTION,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(command=module)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Which verb first (without importing any), then its own arguments."""
+    which, _ = build_parser().parse_known_args(argv)
+    return build_parser(which.verb).parse_args(argv)
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -108,8 +109,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     _setup_logging(args)
     context = CommandContext(config_path=config_path(args), quiet=args.quiet)
     try:

@@ -1,10 +1,10 @@
 """The verbs of the ``backupd`` command, one module each.
 
-Every module here exposes ``NAME``, ``HELP``, ``DESCRIPTION`` (help text with examples),
-``add_arguments(parser)`` and ``execute(args, context) -> int``. :mod:`backupd.cli`
-registers them in the order of :data:`VERBS`; a module that is missing is skipped so the
-command keeps working while a verb is absent.  A verb that unblocks SIGINT/SIGTERM itself
-(at a point where it can handle them) says ``HANDLES_SIGNALS = True``.
+:data:`VERBS` names every verb with its one-line help; only the module of the verb
+being run is imported (the others cost nothing at start-up).  Every module here exposes
+``NAME``, ``DESCRIPTION`` (help text with examples), ``add_arguments(parser)`` and
+``execute(args, context) -> int``.  A verb that unblocks SIGINT/SIGTERM itself (at a
+point where it can handle them) says ``HANDLES_SIGNALS = True``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from backupd.config import Config
 
-VERBS = ("run", "list", "status", "serve", "restore", "verify", "prune", "merge")
+#: every verb, in the order ``backupd --help`` lists them, with its one-line help
+VERBS = {
+    "run": "take a backup (incremental when possible, else full)",
+    "list": "list backups",
+    "status": "show the backup status of every VM",
+    "serve": "serve a backup read-only over NBD",
+    "restore": "restore a disk from a backup",
+    "verify": "verify backups (structure and stored data)",
+    "prune": "keep what the retention policy selects; merge or remove the rest",
+    "merge": "fold the backups older than one into it (it becomes a full)",
+}
 
 
 class Command(Protocol):
     NAME: str
-    HELP: str
     DESCRIPTION: str
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...

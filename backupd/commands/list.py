@@ -13,7 +13,6 @@ from backupd.merge.journal import read_journal
 from backupd.repository import Repository, VMRepository
 
 NAME = "list"
-HELP = "list backups"
 DESCRIPTION = """\
 List the backups in the repository: id, kind, parent, creation time (UTC), disks,
 bytes stored and status.

@@ -12,7 +12,6 @@ from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
 
 NAME = "merge"
-HELP = "fold the backups older than one into it (it becomes a full)"
 DESCRIPTION = """\
 Fold every backup that BACKUP builds on (the older backups of its chain) into it: BACKUP
 becomes a full and the older backups of its chain are gone.  Newer backups and other

@@ -15,7 +15,6 @@ from backupd.repository import Repository
 from backupd.retention import select
 
 NAME = "prune"
-HELP = "keep what the retention policy selects; merge or remove the rest"
 DESCRIPTION = """\
 Apply the retention policy (keep_last, keep_daily, keep_weekly, keep_monthly; top-level
 defaults, overridable per VM).  Afterwards the repository holds exactly the backups the

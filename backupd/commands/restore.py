@@ -18,7 +18,6 @@ from backupd.restore import check_output, restore_to_file, restore_to_nbd
 from backupd.serving import ServedImage
 
 NAME = "restore"
-HELP = "restore a disk from a backup"
 DESCRIPTION = """\
 Restore one disk of a backup (any point of a chain) through the served backup image:
 into a raw file (sparse: zeros stay holes), a qcow2 file, or an NBD target.

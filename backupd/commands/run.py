@@ -21,7 +21,6 @@ from backupd.status import RunRecord, record_run, write_metrics
 NAME = "run"
 #: SIGINT/SIGTERM stay blocked until the event loop handles them (see Interrupt)
 HANDLES_SIGNALS = True
-HELP = "take a backup (incremental when possible, else full)"
 DESCRIPTION = """\
 Take a point-in-time-consistent backup of a running VM: a full backup the first time,
 then incrementals that copy only what changed (qemu's dirty bitmaps).

@@ -14,7 +14,6 @@ from backupd.repository import Repository
 from backupd.serving import ServedImage, load_psk_file
 
 NAME = "serve"
-HELP = "serve a backup read-only over NBD"
 DESCRIPTION = """\
 Serve every disk of one backup (any point of a chain) read-only over NBD, one export
 per disk named after it, until interrupted.  Readable by nbdinfo, qemu-img, nbdcopy,

@@ -11,7 +11,6 @@ from backupd.logs import human_age, human_bytes
 from backupd.status import vm_status
 
 NAME = "status"
-HELP = "show the backup status of every VM"
 DESCRIPTION = """\
 Per VM: the last successful backup and its age, the last run's result, the chain
 length and the bytes stored.  --json for monitoring (alert on age_seconds).

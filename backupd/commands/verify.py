@@ -13,7 +13,6 @@ from backupd.repository import Repository, VMRepository
 from backupd.verify import verify_backup
 
 NAME = "verify"
-HELP = "verify backups (structure and stored data)"
 DESCRIPTION = """\
 Verify backups without the VM: manifests, chain links, qemu-img check of every file,
 backing paths inside the repository, and the digest of every stored data run.

@@ -44,16 +44,16 @@ async def finish(repo: VMRepository) -> bool:
     if journal is None:
         return False
     log.warning("%s: finishing a merge that was interrupted", repo.vm)
-    await _carry_on(repo, journal)
+    await _carry_on(repo, journal, resumed=True)
     return True
 
 
-async def _carry_on(repo: VMRepository, journal: Journal) -> None:
+async def _carry_on(repo: VMRepository, journal: Journal, resumed: bool = False) -> None:
     plan = journal.plan
     while (index := journal.current) is not None:
         what = plan.folds[index]
         if journal.state is not State.SWAP:
-            result = await fold(repo, what)
+            result = await fold(repo, what, resumed)
             kind = "a full" if what.direction is Direction.DOWN else f"on {what.parent}"
             log.info(
                 "%s: merged %s into %s (now %s): %s merged, %.2f s",

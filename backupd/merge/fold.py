@@ -110,11 +110,12 @@ def canonical_header(repo: VMRepository, backup: str, disk: str) -> None:
         os.close(fd)
 
 
-async def _after_qemu(repo: VMRepository, backup: str, disk: str) -> None:
-    """What an interrupted or finished qemu-img leaves to tidy: leaked clusters, and a
-    header of qemu's form."""
-    path = f"{backup}/{image_name(disk)}"
-    await qemu_img("check", "-q", "-r", "leaks", "-f", "qcow2", path, cwd=repo.path)
+async def _after_qemu(repo: VMRepository, backup: str, disk: str, resumed: bool) -> None:
+    """What qemu-img leaves to tidy: a header of qemu's form, and (after a qemu-img that a
+    kill interrupted, which only a resumed merge can meet) leaked clusters."""
+    if resumed:
+        path = f"{backup}/{image_name(disk)}"
+        await qemu_img("check", "-q", "-r", "leaks", "-f", "qcow2", path, cwd=repo.path)
     canonical_header(repo, backup, disk)
 
 
@@ -145,7 +146,7 @@ def _stamp(reason: str, fold: Fold) -> str:
     return f"{reason}; {what} merged in on {day}"
 
 
-async def fold_down(repo: VMRepository, fold: Fold) -> FoldResult:
+async def fold_down(repo: VMRepository, fold: Fold, resumed: bool = False) -> FoldResult:
     """Commit the folded backups and the target into the chain's full; write the target's
     manifest as a full (``manifest.json.new``)."""
     started = dt.datetime.now(dt.UTC)
@@ -165,7 +166,7 @@ async def fold_down(repo: VMRepository, fold: Fold) -> FoldResult:
             "commit", "-q", "-f", "qcow2", "-d", "-b", base,
             f"{target.id}/{image_name(disk)}", cwd=repo.path,
         )  # fmt: skip
-        await _after_qemu(repo, full.id, disk)
+        await _after_qemu(repo, full.id, disk, resumed)
         checkpoint("merge-after-qemu-img")
         fd = repo.open_file(full.id, image_name(disk))
         try:
@@ -181,7 +182,7 @@ async def fold_down(repo: VMRepository, fold: Fold) -> FoldResult:
     return FoldResult(manifest, merged, seconds)
 
 
-async def fold_up(repo: VMRepository, fold: Fold) -> FoldResult:
+async def fold_up(repo: VMRepository, fold: Fold, resumed: bool = False) -> FoldResult:
     """Rebase the target onto the kept backup below the folded ones; write its manifest
     with that parent (``manifest.json.new``)."""
     assert fold.parent is not None
@@ -199,7 +200,7 @@ async def fold_up(repo: VMRepository, fold: Fold) -> FoldResult:
                 "rebase", "-q", "-f", "qcow2", "-b", new_backing, "-F", "qcow2",
                 f"{target.id}/{image_name(disk)}", cwd=repo.path,
             )  # fmt: skip
-        await _after_qemu(repo, target.id, disk)
+        await _after_qemu(repo, target.id, disk, resumed)
         checkpoint("merge-after-qemu-img")
         with checked_chain(repo, lower, disk):  # the new chain passes the gate
             checked = check_image(repo, target, disk, lower)
@@ -216,8 +217,10 @@ async def fold_up(repo: VMRepository, fold: Fold) -> FoldResult:
     return FoldResult(manifest, merged, seconds)
 
 
-async def fold(repo: VMRepository, what: Fold) -> FoldResult:
-    return await (fold_down if what.direction is Direction.DOWN else fold_up)(repo, what)
+async def fold(repo: VMRepository, what: Fold, resumed: bool = False) -> FoldResult:
+    """Fold ``what`` (``resumed``: a kill may have interrupted it before)."""
+    step = fold_down if what.direction is Direction.DOWN else fold_up
+    return await step(repo, what, resumed)
 
 
 def exchange(repo: VMRepository, what: Fold) -> None:

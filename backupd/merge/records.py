@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 
 from backupd.digests import hasher
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import layout
+from backupd.qcow2.inspector import OFFSET_MASK
 from backupd.qcow2.mapping import Cluster, ClusterMap, Kind
 
 #: new runs are hashed in pieces of at most this size
@@ -29,18 +30,19 @@ def _guest_clusters(run: DigestRun, cluster_size: int) -> range:
     return range(first, max(first + 1, -(-(run.guest_offset + run.length) // cluster_size)))
 
 
-def _still_exact(run: DigestRun, mapping: ClusterMap, touched: Collection[int]) -> bool:
+def _still_exact(run: DigestRun, mapping: ClusterMap, touched: set[int]) -> bool:
+    """The run's clusters were not written, and still lie where the run says."""
     size = mapping.cluster_size
     clusters = _guest_clusters(run, size)
-    if any(c in touched for c in clusters):
+    if not touched.isdisjoint(clusters):
         return False
-    first = mapping.lookup(clusters[0])
-    if first.kind is Kind.COMPRESSED:
+    first = mapping.entry(clusters[0])
+    if first & layout.OFLAG_COMPRESSED:
         return len(clusters) == 1
+    host = run.host_offset
     return all(
-        (found := mapping.lookup(c)).kind is Kind.DATA
-        and found.host == run.host_offset + (c - clusters[0]) * size
-        for c in clusters
+        mapping.entry(c) & (OFFSET_MASK | layout.OFLAG_COMPRESSED) == host + i * size
+        for i, c in enumerate(clusters)
     )
 
 
@@ -100,9 +102,7 @@ def _record(base: DiskRecord, target: DiskRecord, runs: list[DigestRun]) -> Disk
     )
 
 
-def after_down(
-    fd: int, full: DiskRecord, target: DiskRecord, touched: Collection[int]
-) -> DiskRecord:
+def after_down(fd: int, full: DiskRecord, target: DiskRecord, touched: set[int]) -> DiskRecord:
     """The record of the full's file, now holding ``target``'s point, after the folded
     backups' clusters ``touched`` were committed into it."""
     mapping = ClusterMap(fd)
@@ -114,7 +114,7 @@ def after_down(
 def after_up(fd: int, target: DiskRecord) -> DiskRecord:
     """The record of ``target``'s file after it gained what the folded backups held."""
     mapping = ClusterMap(fd)
-    kept = [run for run in target.digests if _still_exact(run, mapping, ())]
+    kept = [run for run in target.digests if _still_exact(run, mapping, set())]
     covered = {c for run in kept for c in _guest_clusters(run, mapping.cluster_size)}
     gained = [c for c in mapping.held() if c.index not in covered]
     fresh = _new_runs(mapping, gained, target.digest_algorithm)

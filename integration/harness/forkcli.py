@@ -97,8 +97,10 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     import backupd.cli
+    from backupd.commands import VERBS
 
-    backupd.cli.build_parser()  # import every verb's module once, before the forks
+    for verb in VERBS:  # import every verb's module once, before the forks
+        backupd.cli.build_parser(verb)
     for line in sys.stdin:
         reply = run(json.loads(line))
         sys.stdout.write(json.dumps(reply) + "\n")
