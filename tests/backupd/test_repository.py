@@ -23,8 +23,8 @@ from backupd.errors import (
     RepositoryError,
     UsageError,
 )
-from backupd.repository import Repository, VMRepository
 from backupd.merge.plan import plan_merges
+from backupd.repository import Repository, VMRepository
 from tests.backupd.crafted import FULL, INCREMENTAL, VM, base_chain
 
 
