@@ -182,6 +182,10 @@ def test_hostile_repository(tmp_path: Path, sockdir: Path) -> None:
     traces = {log: audit.parse(log) for log in {run.log for run in runs}}
     for run in runs:
         judge(run, traces[run.log], outside, repo / run.case.name, points)
+    for run in runs:  # a refused prune leaves no merge half begun
+        journal = repo / run.case.name / ".merge.json"
+        if run.command == "prune" and journal.exists():
+            run.problems.append("left a merge journal (every later command would wait on it)")
     for run in runs:  # a case's own canary (its symlinks point there)
         own = outside / f"{run.case.name}.canary"
         if own.exists() and own.read_bytes() != CANARY and run.command == "prune":

@@ -19,7 +19,7 @@ from backupd.errors import RepositoryError
 from backupd.faults import checkpoint
 from backupd.logs import human_bytes
 from backupd.manifest import Manifest
-from backupd.merge.fold import exchange, fold
+from backupd.merge.fold import check_fold, exchange, fold
 from backupd.merge.journal import Journal, State, clear_journal, read_journal, write_journal
 from backupd.merge.plan import Direction, MergePlan, plan_merges
 from backupd.repository import VMRepository
@@ -32,6 +32,8 @@ async def apply(repo: VMRepository, plan: MergePlan) -> None:
     exclusively)."""
     if not plan.changes:
         return
+    for what in plan.folds:  # a file the gate refuses stops the merge before it starts
+        check_fold(repo, what)
     journal = Journal(plan)
     write_journal(repo, journal)
     checkpoint("merge-after-journal")

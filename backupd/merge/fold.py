@@ -217,6 +217,15 @@ async def fold_up(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fold
     return FoldResult(manifest, merged, seconds)
 
 
+def check_fold(repo: VMRepository, what: Fold) -> None:
+    """Pass every file the fold will hand to qemu through the gate, before anything
+    changes (ChainError: nothing is merged)."""
+    target = repo.load(what.target)
+    for disk in sorted(target.disks):
+        with checked_chain(repo, target, disk):
+            pass
+
+
 async def fold(repo: VMRepository, what: Fold, resumed: bool = False) -> FoldResult:
     """Fold ``what`` (``resumed``: a kill may have interrupted it before)."""
     step = fold_down if what.direction is Direction.DOWN else fold_up

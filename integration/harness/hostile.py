@@ -23,7 +23,9 @@ from tests.backupd.crafted import (
 )
 
 COMMANDS = ("list", "status", "verify", "restore", "serve", "prune")
-READ_IMAGES = frozenset({"verify", "restore", "serve"})
+#: the commands that read images (prune merges: with keep_last 1 it folds the full into
+#: the incremental, so it hands both to qemu-img and must refuse what the gate refuses)
+READ_IMAGES = frozenset({"verify", "restore", "serve", "prune"})
 EVERYTHING_BUT_LIST = frozenset({"verify", "restore", "serve", "prune"})
 DATA_FILE_EXT = 0x44415441
 FEATURE_TABLE_EXT = 0x6803F857
