@@ -41,7 +41,10 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             success = "never"
         else:
             consistency = r["last_success_consistency"] or "consistency unknown"
-            success = f"{r['last_success']} ({human_age(age)} ago, {consistency})"
+            success = (
+                f"{r['last_success']} ({human_age(age)} ago, {consistency}, "
+                f"{r['last_success_source']})"
+            )
         print(
             f"{r['vm']}: last success {success}, "
             f"last run {r['last_result'] or '-'}, chain {r['chain_length']}, "

@@ -34,10 +34,14 @@ def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
 def test_summary_line_in_text_json_and_journal() -> None:
     for formatter, check in (
         (logs.TextFormatter(), lambda s: "summary: vm=g1 backup=B kind=full" in s),
-        (logs.TextFormatter(), lambda s: " consistency=quiesced duration=1.5s " in s),
+        (
+            logs.TextFormatter(),
+            lambda s: " consistency=quiesced source=offline duration=1.5s " in s,
+        ),
         (logs.JournalFormatter(), lambda s: s.startswith("<6>summary: vm=g1")),
         (logs.JSONFormatter(), lambda s: json.loads(s)["bytes"] == 3 << 20),
         (logs.JSONFormatter(), lambda s: json.loads(s)["consistency"] == "quiesced"),
+        (logs.JSONFormatter(), lambda s: json.loads(s)["source"] == "offline"),
     ):
         logger, stream = capture(formatter)
         logs.log_summary(
@@ -51,6 +55,7 @@ def test_summary_line_in_text_json_and_journal() -> None:
             consistency="quiesced",
             duration=1.5,
             result="ok",
+            source="offline",
         )
         assert check(stream.getvalue()), stream.getvalue()
     logger, stream = capture(logs.JournalFormatter())
