@@ -8,7 +8,10 @@ the whole process there for 2 s.  Unset, a checkpoint costs one dict
 lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch, mid-filters
 (snapshot-access: a filter is in; a running VM with several disks is paused there),
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
-before-rename, after-commit, mid-rotate, after-rotate.
+before-rename, after-commit, mid-rotate, after-rotate.  Offline runs (the VM's images
+in backupd's qemu-storage-daemon) have no scratch and no filters, and three points of
+their own: after-daemon (the daemon listens, no image open yet), mid-images (after
+each image is opened) and after-quit (the daemon was asked to quit, at the end).
 """
 
 from __future__ import annotations

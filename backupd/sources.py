@@ -255,7 +255,13 @@ async def open_source(
     try:
         await monitor.connect()
     except QemuConnectError as exc:
-        if not (exc.unreachable and vm.images):
+        if exc.unreachable and not vm.images:
+            raise QemuConnectError(
+                f"{exc}; to back up a VM while its qemu is not running, name its image "
+                f"files in vms.{vm.name}.images",
+                unreachable=exc.unreachable,
+            ) from None
+        if not exc.unreachable:
             raise
         tell(OFFLINE)
         return await OfflineSource.open(vm, runtime, exc)

@@ -209,36 +209,41 @@ async def test_locked_image_refused(vm: QemuVM, tmp_path: Path, sockdir: Path) -
     assert live_daemon(folder) is None and not (folder / "qmp.sock").exists()
 
 
-async def test_raw_image_full_every_time(tmp_path: Path, sockdir: Path) -> None:
-    raw = tmp_path / "guest1-vda.img"
-    with open(raw, "wb") as f:
-        f.truncate(16 * MiB)
-        f.seek(3 * MiB)
-        f.write(b"\x5a" * MiB)
-    config = write_config(
-        tmp_path / "backupd.yaml",
-        tmp_path / "repo",
-        {
-            "guest1": {
-                "qmp": str(sockdir / "guest1.qmp"),
-                "images": {"vda": {"path": "guest1-vda.img", "format": "raw"}},
-            }
-        },
-        scratch_dir=str(tmp_path / "scratch"),
-        runtime_dir=str(sockdir),
+async def test_raw_image_full_every_time(
+    tmp_path: Path, sockdir: Path, config_for: Callable[..., Path]
+) -> None:
+    """A VM with a qcow2 and a raw disk: full backups online and offline, each saying
+    why; the raw image gets no bitmap, the qcow2 one keeps only the newest."""
+    vm = QemuVM(
+        tmp_path / "vm", {"vda": 16 * MiB, "vdb": 16 * MiB}, sockdir=sockdir, formats={"vdb": "raw"}
     )
-    for pattern in (0x5A, 0x5B):
-        with open(raw, "r+b") as f:
-            f.seek(3 * MiB)
-            f.write(bytes([pattern]) * 4096)
-        result = backupd(config, "run", "--vm", "guest1")
-        assert result.returncode == 0, result.stderr
-        notes = [line for line in result.stderr.splitlines() if "is a raw image" in line]
-        assert notes and all("kind=full" in n or "full backup" in n for n in notes), result.stderr
-        newest = backups(tmp_path / "repo")[-1]
-        assert read_image(newest / "vda.qcow2", tmp_path) == raw.read_bytes()
-    refused = backupd(config, "run", "--vm", "guest1", "--incremental")
-    assert refused.returncode == 1 and "is a raw image" in refused.stderr
+    vm.workdir.mkdir()
+    await vm.start()
+    try:
+        images: dict[str, object] = {
+            "vda": str(vm.images["vda"]),
+            "vdb": {"path": str(vm.images["vdb"]), "format": "raw"},
+        }
+        config = config_for(vm, images=images)
+        repo = tmp_path / "repo"
+        reason = "kind=full (disk vdb is a raw image, which holds no dirty bitmaps: only full"
+        for turn in range(3):
+            await vm.write("vdb", turn * MiB, MiB, 0x91 + turn)
+            await vm.write("vda", turn * MiB, 64 * 1024, 0xA1 + turn)
+            if turn == 2:
+                await vm.quit()
+            result = backupd(config, "run", "--vm", "guest1")
+            assert result.returncode == 0, result.stderr
+            assert reason in result.stderr, result.stderr
+            assert ("source=offline" in result.stderr) == (turn == 2)
+            assert_latest(repo, vm, tmp_path)
+        refused = backupd(config, "run", "--vm", "guest1", "--incremental")
+        assert refused.returncode == 1
+        assert "an incremental backup is not possible: disk vdb is a raw image" in refused.stderr
+        assert image_bitmaps(vm.images["vda"]) == {checkpoint_bitmap(backups(repo)[-1]): ["auto"]}
+        assert [m["kind"] for m in manifests(repo)] == ["full"] * 3
+    finally:
+        await vm.kill()
 
 
 async def test_leftover_daemon_is_stopped(

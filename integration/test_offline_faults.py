@@ -130,13 +130,15 @@ async def test_sigkill_at_every_offline_phase(
     assert total == 0
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "systemctl stop"])
 async def test_signal_mid_offline_copy(
     vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path, how: str
 ) -> None:
     """SIGTERM to backupd, or SIGINT to its whole process group as a terminal's Ctrl-C
     sends it: the run stops, commits nothing, and stops its daemon itself (which, in a
-    session of its own, never saw the Ctrl-C), leaving the images clean."""
+    session of its own, never saw the Ctrl-C), leaving the images clean.  Or SIGTERM to
+    backupd and its daemon at once, as ``systemctl stop`` sends it to the unit's whole
+    control group: the daemon closes the images itself, and the run still ends cleanly."""
     config = config_for(vm, images=images_of(vm), request_size="64K", requests=1)
     repo = tmp_path / "repo"
     await vm.write("vda", 0, 8 * MiB, 0x31)
@@ -154,16 +156,20 @@ async def test_signal_mid_offline_copy(
     )
     try:
         await wait_for_staging(repo, proc)
-        if how == "SIGTERM":
-            proc.send_signal(signal.SIGTERM)
-        else:
+        if how == "Ctrl-C":
             os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        if how == "systemctl stop":
+            daemon = live_daemon(daemon_of(config, sockdir))
+            assert daemon is not None
+            os.kill(daemon, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    expected = 143 if how == "SIGTERM" else 130
+    expected = 130 if how == "Ctrl-C" else 143
     damage = images_closed_cleanly(vm)
     daemon_gone = live_daemon(daemon_of(config, sockdir)) is None
     warnings = [line for line in err.splitlines() if "WARNING" in line and "teardown" in line]
@@ -179,7 +185,8 @@ async def test_signal_mid_offline_copy(
     )
     assert proc.returncode == expected, err
     assert "interrupted" in err and "Traceback" not in err
-    assert not warnings, warnings  # the teardown found the daemon still there
+    if how != "systemctl stop":
+        assert not warnings, warnings  # the teardown found the daemon still there
     assert len(backups(repo)) == 2 and "kind=incremental" in result.stderr, result.stderr
     assert not damage and daemon_gone
     assert lost == 0
