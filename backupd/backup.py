@@ -5,9 +5,8 @@
 not running, its images in backupd's own qemu-storage-daemon: :mod:`backupd.sources`);
 clean what a killed run left; plan full or incremental; take the point in time (file
 systems frozen around it) and export the views; copy every disk; commit; rotate the
-bitmaps.  If anything fails before the
-commit, the new bitmap is removed and the parent's keeps recording, so the next run
-captures every change: nothing is lost.
+bitmaps.  If anything fails before the commit, the new bitmap is removed and the
+parent's keeps recording, so the next run captures every change: nothing is lost.
 """
 
 from __future__ import annotations

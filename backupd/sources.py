@@ -137,9 +137,11 @@ class OnlineSource(Source):
         )
 
     async def close(self) -> None:
-        if self.agent is not None:
-            await self.agent.close()
-        await self.monitor.close()
+        try:
+            if self.agent is not None:
+                await self.agent.close()
+        finally:
+            await self.monitor.close()
 
 
 class OfflineSource(Source):
