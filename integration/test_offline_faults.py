@@ -239,3 +239,44 @@ async def test_offline_and_online_runs_at_once(tmp_path: Path, sockdir: Path) ->
     finally:
         for machine in machines.values():
             await machine.kill()
+
+
+async def test_daemon_killed_mid_copy(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path
+) -> None:
+    """The daemon itself SIGKILLed (the one case that cannot close the images): the run
+    fails with one line, the bitmaps are left in use, qemu still starts on the images,
+    and the next run is a full one that says why."""
+    config = config_for(vm, images=images_of(vm), request_size="64K", requests=1)
+    repo = tmp_path / "repo"
+    await vm.write("vda", 0, 8 * MiB, 0x61)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    await vm.write("vda", 8 * MiB, 8 * MiB, 0x62)
+    await vm.quit()
+    proc = run_env(config, "mid-copy:pause")  # 2 s at every read batch
+    try:
+        await wait_for_staging(repo, proc)
+        daemon = live_daemon(daemon_of(config, sockdir))
+        assert daemon is not None
+        os.kill(daemon, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    failed_cleanly = proc.returncode == 1 and "Traceback" not in err and len(backups(repo)) == 1
+    in_use = [n for n, flags in image_bitmaps(vm.images["vda"]).items() if "in-use" in flags]
+    await vm.start()
+    result = backupd(config, "run", "--vm", "guest1")
+    full = "kind=full" in result.stderr and "is inconsistent" in result.stderr
+    latest = read_image(backups(repo)[-1] / "vda.qcow2", tmp_path)
+    lost = 0 if first_difference(latest, vm.snapshot()["vda"]) is None else 1
+    record(
+        "the daemon SIGKILLed mid offline copy: run fails, next run full",
+        failed=not (failed_cleanly and in_use and full),
+        lost=lost,
+    )
+    assert failed_cleanly, err
+    assert in_use, "the bitmaps of a killed daemon's images should be left in use"
+    assert full, result.stderr
+    assert lost == 0

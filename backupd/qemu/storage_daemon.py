@@ -170,7 +170,7 @@ class StorageDaemon:
                     await self.monitor.execute("quit")
                 checkpoint("after-quit")
             else:
-                process.terminate()
+                _signal(process, signal.SIGTERM)
             await self._wait_or_kill(process)
         await self.monitor.close()
         with contextlib.suppress(FileNotFoundError):
@@ -187,7 +187,7 @@ class StorageDaemon:
         if await _exited(process, QUIT_TIMEOUT):
             return
         log.error("%s (pid %d) did not quit; sending SIGTERM", DAEMON, process.pid)
-        process.terminate()
+        _signal(process, signal.SIGTERM)
         if await _exited(process, TERM_TIMEOUT):
             return
         log.error(
@@ -196,8 +196,14 @@ class StorageDaemon:
             DAEMON,
             process.pid,
         )
-        process.kill()
+        _signal(process, signal.SIGKILL)
         await process.wait()
+
+
+def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal our own child, which may have ended a moment ago."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
 
 
 async def _exited(process: asyncio.subprocess.Process, timeout: float) -> bool:
