@@ -1,11 +1,12 @@
 """One backup run of one VM, from lock to bitmap rotation.
 
-:class:`BackupRun` reads top to bottom: take the locks; connect to qemu (and the guest
-agent, thawing a guest left frozen); clean what a killed run left; plan full or
-incremental; take the point in time (file systems frozen around it) and export the
-views; copy every disk; commit; rotate the bitmaps.  If anything fails before the
-commit, the new bitmap is removed and the parent's keeps recording, so the next run
-captures every change: nothing is lost.
+:class:`BackupRun` reads top to bottom: take the locks; open the source of the disks
+(the VM's qemu and its guest agent, thawing a guest left frozen; or, when its qemu is
+not running, its images in backupd's own qemu-storage-daemon: :mod:`backupd.sources`);
+clean what a killed run left; plan full or incremental; take the point in time (file
+systems frozen around it) and export the views; copy every disk; commit; rotate the
+bitmaps.  If anything fails before the commit, the new bitmap is removed and the
+parent's keeps recording, so the next run captures every change: nothing is lost.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from backupd.merge import finish as finish_merge
 from backupd.planning import Plan, plan_backup
 from backupd.private import private_dir
 from backupd.qemu.blockops import remove_bitmap
-from backupd.qemu.fleece import cleanup_leftovers, fleece_session
-from backupd.qemu.guest_agent import GuestAgent
-from backupd.qemu.inventory import Disk, check_version, select_disks
+from backupd.qemu.inventory import Disk
 from backupd.qemu.qmp import QemuMonitor
-from backupd.quiesce import freeze_window, open_agent
+from backupd.quiesce import freeze_window
 from backupd.repository import Repository, StagedBackup
 from backupd.shield import run_to_completion
+from backupd.sources import ONLINE, Source, open_source
 
 log = logging.getLogger("backupd")
 
@@ -65,6 +65,8 @@ class RunResult:
     duration: float = 0.0
     #: the file systems were frozen at the point in time (else crash-consistent)
     quiesced: bool = False
+    #: "online" (the VM's qemu) or "offline" (its images); None before it was known
+    source: str | None = None
 
     @property
     def consistency(self) -> str:
@@ -103,18 +105,23 @@ class BackupRun:
         self.repo = self.root.vm(vm.name)
         self.scratch_dir = config.scratch_dir / vm.name
         self.started = time.monotonic()
-        self.monitor = QemuMonitor(vm.qmp_address, timeout=vm.timeout)
-        self.agent: GuestAgent | None = None
+        self.source: Source | None = None
         self.names = CheckpointNames("")
         self.disks: list[Disk] = []
+
+    @property
+    def monitor(self) -> QemuMonitor:
+        """Where the checkpoint bitmaps are: the VM's qemu, or backupd's daemon."""
+        assert self.source is not None
+        return self.source.monitor
 
     async def execute(self) -> Manifest:
         purpose = f"backupd run --vm {self.vm.name}"
         host_lock = host_lock_path(runtime_base(self.config), self.vm.qmp)
         with self.repo.lock(purpose=purpose), vm_lock(host_lock, self.vm.name, purpose=purpose):
             checkpoint("after-lock")
-            async with self._connected():
-                plan = await self._prepare()
+            async with self._connected() as source:
+                plan = await self._prepare(source)
                 backup = self.repo.new_id()
                 self._announce(backup, plan)
                 checkpoint("after-plan")
@@ -125,29 +132,26 @@ class BackupRun:
                 checkpoint("after-rotate")
         self.result.duration = time.monotonic() - self.started
         log.info(
-            "%s: backup %s committed: %s copied, %s stored, %s",
+            "%s: backup %s committed: %s copied, %s stored, %s, %s",
             self.vm.name,
             manifest.id,
             human_bytes(manifest.bytes_copied),
             human_bytes(manifest.bytes_stored),
             self.result.consistency,
+            manifest.source,
         )
         return manifest
 
     @contextlib.asynccontextmanager
-    async def _connected(self) -> AsyncIterator[None]:
-        """QMP and the guest agent, closed on every way out."""
-        await self.monitor.connect()
+    async def _connected(self) -> AsyncIterator[Source]:
+        """The source of the disks (online or offline), closed on every way out."""
+        self.source = await open_source(self.vm, runtime_base(self.config), self._chosen)
         try:
-            check_version(self.monitor.version)
-            self.agent = await open_agent(self.vm)
-            yield
+            yield self.source
         finally:
-            if self.agent is not None:
-                await run_to_completion(self.agent.close())
-            await run_to_completion(self.monitor.close())
+            await run_to_completion(self.source.close())
 
-    async def _prepare(self) -> Plan:
+    async def _prepare(self, source: Source) -> Plan:
         """Remove what a killed run left, find the disks, decide full or incremental."""
         for stale in self.repo.staging():
             log.warning("%s: removing %s left by an interrupted run", self.vm.name, stale.name)
@@ -165,10 +169,10 @@ class BackupRun:
         def leftover(name: str) -> bool:
             return self.names.owns(name) and name not in owned
 
-        for item in await cleanup_leftovers(self.monitor, leftover, self.scratch_dir):
+        for item in await source.cleanup(leftover, self.scratch_dir):
             log.warning("%s: removed leftover %s", self.vm.name, item)
         checkpoint("after-cleanup")
-        self.disks = await select_disks(self.monitor, self.vm.disks)
+        self.disks = await source.disks()
         self.result.disks = [d.name for d in self.disks]
         plan = plan_backup(
             self.mode, latest, self._chain_length(latest), self.disks, self.vm.max_chain, self.names
@@ -208,18 +212,17 @@ class BackupRun:
 
     async def _take(self, backup: str, plan: Plan) -> Manifest:
         """Point in time, copy, commit; on any failure before the commit nothing stays."""
+        assert self.source is not None
         staged = self.repo.stage(backup)
         socket_dir = Path(tempfile.mkdtemp(prefix="nbd-", dir=runtime_base(self.config)))
-        session = fleece_session(
-            self.monitor,
+        session = self.source.session(
             self.disks,
             backup_id=backup,
             bitmap=self.names.name(backup),
             parent_bitmap=plan.parent_bitmap,
             scratch_dir=self.scratch_dir,
             socket_dir=socket_dir,
-            method=self.vm.fleecing,
-            quiesce=freeze_window(self.vm, self.agent, self._quiesced),
+            quiesce=freeze_window(self.vm, self.source.agent, self._quiesced),
         )
         committed = False
         try:
@@ -253,6 +256,9 @@ class BackupRun:
     def _quiesced(self, frozen: bool) -> None:
         self.result.quiesced = frozen
 
+    def _chosen(self, source: str) -> None:
+        self.result.source = source
+
     async def _commit(
         self, staged: StagedBackup, backup: str, plan: Plan, records: list[DiskRecord]
     ) -> Manifest:
@@ -269,6 +275,7 @@ class BackupRun:
             quiesced=self.result.quiesced,
             duration=round(time.monotonic() - self.started, 3),
             disks={r.name: r for r in records},
+            source=self.result.source or ONLINE,
         )
         checkpoint("before-manifest")
         staged.commit(manifest)

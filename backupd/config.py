@@ -7,7 +7,7 @@ Every key is known: an unknown or misspelled key is an error that names it
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from backupd.errors import ConfigError
 from nbdclient.copy import DEFAULT_REQUEST_SIZE
 
 FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
+#: the formats an image of ``images:`` may have (never guessed: see ImageConfig)
+IMAGE_FORMATS = ("qcow2", "raw")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -52,6 +54,18 @@ class Transfer:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageConfig:
+    """The image file of one disk, which backupd opens itself while the VM's qemu is
+    not running.  Its format is what the configuration says (qcow2 unless told),
+    never guessed from the file: a raw disk's guest can write a qcow2 header, with a
+    backing file of its choice, into the first bytes of its disk."""
+
+    disk: str
+    path: Path
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True, slots=True)
 class VMConfig:
     name: str
     qmp: str
@@ -67,6 +81,8 @@ class VMConfig:
     freeze_timeout: float = 30.0
     #: fail a run whose file systems could not be frozen instead of going crash-consistent
     require_quiesce: bool = False
+    #: the disks' image files, for backups while qemu is not running (offline)
+    images: tuple[ImageConfig, ...] = ()
 
     @property
     def qmp_address(self) -> str | tuple[str, int]:
@@ -111,7 +127,8 @@ _SETTING_KEYS = {
     "keep_monthly",
 }
 _TOP_KEYS = {"repository", "scratch_dir", "runtime_dir", "metrics_file", "vms"} | _SETTING_KEYS
-_VM_KEYS = {"qmp", "guest_agent", "disks"} | _SETTING_KEYS
+_VM_KEYS = {"qmp", "guest_agent", "disks", "images"} | _SETTING_KEYS
+_IMAGE_KEYS = {"path", "format"}
 
 
 def _unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
@@ -216,6 +233,54 @@ def _check_settings(s: dict[str, Any], where: str) -> None:
         )
 
 
+def _image(disk: str, value: Any, where: str, beside_config: Callable[[str], Path]) -> ImageConfig:
+    """One entry of ``images:``: ``vda: PATH`` or ``vda: {path: PATH, format: raw}``."""
+    fmt = "qcow2"
+    if isinstance(value, dict):
+        _unknown(f"{where}{disk}", value, _IMAGE_KEYS)
+        fmt = _get(value, "format", str, f"{where}{disk}.", "qcow2")
+        if fmt not in IMAGE_FORMATS:
+            raise ConfigError(
+                f"{where}{disk}.format must be one of {', '.join(IMAGE_FORMATS)}, not {fmt!r}"
+            )
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"{where}{disk} must be the path of the disk's image (or a mapping with "
+            f"'path' and 'format'), not {value!r}"
+        )
+    if "\0" in value:
+        raise ConfigError(f"{where}{disk}: the path holds a NUL character")
+    return ImageConfig(disk, beside_config(value), fmt)
+
+
+def _images(
+    data: Mapping[str, Any],
+    vm: str,
+    disks: list[str] | None,
+    beside_config: Callable[[str], Path],
+) -> tuple[ImageConfig, ...]:
+    """``vms.<vm>.images``: disk name -> image file, checked."""
+    where = f"vms.{vm}.images"
+    entries = _get(data, "images", dict, f"vms.{vm}.", {})
+    if "images" in data and not entries:
+        raise ConfigError(f"{where} must name at least one disk's image")
+    images = tuple(
+        _image(check_name("disk", str(disk)), value, f"{where}.", beside_config)
+        for disk, value in entries.items()
+    )
+    paths = [image.path for image in images]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"{where} names one image file for two disks")
+    missing = [d for d in disks or () if d not in entries] if images else []
+    if missing:
+        raise ConfigError(
+            f"vms.{vm}.disks names {', '.join(missing)}, which {where} does not have "
+            "(an offline backup needs the image of every disk it backs up)"
+        )
+    return images
+
+
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file (ConfigError with one clear line)."""
     try:
@@ -264,6 +329,11 @@ def parse_config(data: Any, path: Path) -> Config:
     )
     _check_settings(defaults, "")
     vms_data = _get(data, "vms", dict, "", {})
+
+    def beside_config(value: str) -> Path:
+        """A path from the file; a relative one is taken from the file's folder."""
+        return (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+
     vms: dict[str, VMConfig] = {}
     for name, vm_data in vms_data.items():
         check_name("VM", str(name))
@@ -298,11 +368,8 @@ def parse_config(data: Any, path: Path) -> Config:
             fleecing=s["fleecing"],
             freeze_timeout=s["freeze_timeout"],
             require_quiesce=s["require_quiesce"],
+            images=_images(vm_data, str(name), disks, beside_config),
         )
-
-    def beside_config(value: str) -> Path:
-        """A path from the file; a relative one is taken from the file's folder."""
-        return (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
 
     return Config(
         path=path,

@@ -13,6 +13,7 @@ systemd unit can tell "fix the config" from "try again later" from "the backup f
      ├── QemuError                       QMP unreachable, qemu refused a command, too old
      │    ├── QemuConnectError
      │    ├── QemuCommandError
+     │    ├── ImageLockedError       an image is open in a running qemu (offline run)
      │    └── QemuTooOldError
      ├── RepositoryError                 repository unreadable/unwritable, bad manifest
      │    ├── ChainError                 a backing chain is broken or unsafe
@@ -71,7 +72,15 @@ class QemuError(BackupdError):
 
 
 class QemuConnectError(QemuError):
-    """The QMP socket is missing, not a socket, not permitted, or not qemu."""
+    """The QMP socket is missing, not a socket, not permitted, or not qemu.
+
+    ``unreachable`` says why nothing listens there ("does not exist", "refuses
+    connections"), which is what a VM whose qemu is not running looks like; "" when
+    something does but the connection failed otherwise."""
+
+    def __init__(self, message: str, *, unreachable: str = "") -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class QemuCommandError(QemuError):
@@ -82,6 +91,10 @@ class QemuCommandError(QemuError):
         self.command = command
         self.error_class = error_class
         self.description = description
+
+
+class ImageLockedError(QemuError):
+    """Another process (a running qemu) has an image open that backupd wanted to open."""
 
 
 class QemuTooOldError(QemuError):

@@ -8,9 +8,13 @@ the whole process there for 2 s.  Unset, a checkpoint costs one dict
 lookup.  Points: after-lock, after-cleanup, after-plan, after-scratch, mid-filters
 (snapshot-access: a filter is in; a running VM with several disks is paused there),
 after-transaction, after-export, mid-copy, after-copy, after-teardown, before-manifest,
-before-rename, after-commit, mid-rotate, after-rotate; and of a merge (prune, merge,
-or a run finishing one): merge-after-journal, merge-after-qemu-img, merge-before-exchange,
-merge-mid-exchange, merge-before-manifest, merge-after-exchange, merge-mid-remove, merge-done.
+before-rename, after-commit, mid-rotate, after-rotate.  Offline runs (the VM's images
+in backupd's qemu-storage-daemon) have no scratch and no filters, and three points of
+their own: after-daemon (the daemon listens, no image open yet), mid-images (after
+each image is opened) and after-quit (the daemon was asked to quit, at the end).  A
+merge (prune, merge, or a run finishing one): merge-after-journal, merge-after-qemu-img,
+merge-before-exchange, merge-mid-exchange, merge-before-manifest, merge-after-exchange,
+merge-mid-remove, merge-done.
 """
 
 from __future__ import annotations

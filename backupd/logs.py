@@ -22,6 +22,7 @@ SUMMARY_FIELDS = (
     "disks",
     "bytes",
     "consistency",
+    "source",
     "duration",
     "result",
 )
@@ -129,13 +130,14 @@ def log_summary(
     consistency: str,
     duration: float,
     result: str,
+    source: str = "-",
 ) -> None:
     """The one line every run logs."""
     level = logging.INFO if result == "ok" else logging.ERROR
     logger.log(
         level,
         "summary: vm=%s backup=%s kind=%s (%s) disks=%s copied=%s consistency=%s "
-        "duration=%.1fs result=%s",
+        "source=%s duration=%.1fs result=%s",
         vm,
         backup or "-",
         kind,
@@ -143,6 +145,7 @@ def log_summary(
         ",".join(disks) or "-",
         human_bytes(copied),
         consistency,
+        source,
         duration,
         result,
         extra={
@@ -153,6 +156,7 @@ def log_summary(
             "disks": disks,
             "bytes": copied,
             "consistency": consistency,
+            "source": source,
             "duration": round(duration, 3),
             "result": result,
         },

@@ -15,6 +15,9 @@ from backupd.names import is_backup_id, is_name
 
 FORMAT = 1
 KINDS = ("full", "incremental")
+#: where the disks were read: the VM's running qemu, or its images while it was not
+#: running (manifests from before this field are online)
+SOURCES = ("online", "offline")
 
 
 class DigestRun(NamedTuple):
@@ -60,6 +63,7 @@ class Manifest:
     disks: dict[str, DiskRecord] = field(default_factory=dict)
     status: str = "complete"
     format: int = FORMAT
+    source: str = "online"
 
     @property
     def bytes_stored(self) -> int:
@@ -174,6 +178,9 @@ def _manifest(data: object) -> Manifest:
         raise ValueError("incremental backup without a parent")
     if parent is not None and (not is_backup_id(parent) or parent >= backup):
         raise f.bad("parent", "the id of an older backup")
+    source = f.text("source", "online")
+    if source not in SOURCES:
+        raise f.bad("source", " or ".join(SOURCES))
     disks = f.get("disks")
     if not isinstance(disks, dict) or not disks:
         raise f.bad("disks", "an object naming at least one disk")
@@ -189,6 +196,7 @@ def _manifest(data: object) -> Manifest:
         duration=f.seconds("duration"),
         disks={name: _disk(name, disk) for name, disk in disks.items()},
         status=f.line("status"),
+        source=source,
     )
 
 

@@ -3,6 +3,8 @@
 An incremental is possible when the newest committed backup's bitmap exists on every
 selected disk, is persistent, recording and consistent, the disk set and sizes did not
 change, and the chain is shorter than ``max_chain``.  Otherwise a full, with the reason.
+A VM with a raw image (no persistent bitmaps) gets a full every time, and the reason
+says so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _full_reason(
     max_chain: int,
     name: str,
 ) -> str | None:
+    raw = [d.name for d in disks if not d.stores_bitmaps]
+    if raw:
+        return (
+            f"disk {', '.join(raw)} is a raw image, which holds no dirty bitmaps: only full backups"
+        )
     if latest is None:
         return "no committed backup yet"
     wanted = sorted(d.name for d in disks)

@@ -58,6 +58,8 @@ class RunRecord:
     error: str = ""
     #: "quiesced" or "crash-consistent" for a committed backup
     consistency: str | None = None
+    #: "online" or "offline" (the VM's qemu was not running), when the run got that far
+    source: str | None = None
 
 
 def record_run(repo: VMRepository, record: RunRecord) -> None:
@@ -76,6 +78,7 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
         "disks": record.disks,
         "error": record.error,
         "consistency": record.consistency,
+        "source": record.source,
     }
     data["last_run"] = entry
     if record.result == "ok":
@@ -103,7 +106,7 @@ def _sound(entry: object) -> bool:
     values = [entry.get(k, 0) for k in numbers]
     if not all(type(v) in (int, float) and 0 <= v < math.inf for v in values):
         return False
-    texts = ("result", "backup", "kind", "reason", "error", "consistency")
+    texts = ("result", "backup", "kind", "reason", "error", "consistency", "source")
     if not all(entry.get(k) is None or isinstance(entry[k], str) for k in texts):
         return False
     disks = entry.get("disks", {})
@@ -152,8 +155,10 @@ def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, An
         "last_success": success.get("backup"),
         "last_success_time": finished,
         "last_success_consistency": success.get("consistency"),
+        "last_success_source": success.get("source") or ("online" if success else None),
         "age_seconds": round(now - finished, 1) if finished else None,
         "last_result": last.get("result"),
+        "last_source": last.get("source"),
         "last_error": last.get("error") or None,
         "last_duration": last.get("duration"),
         "backups": len(ids),

@@ -38,6 +38,7 @@ def _damaged(vm: str, backup: str | None, exc: BackupdError) -> dict[str, Any]:
         "disks": [],
         "bytes": 0,
         "quiesced": False,
+        "source": None,
         "status": f"damaged: {exc}",
     }
 
@@ -84,6 +85,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
                     "disks": sorted(m.disks),
                     "bytes": m.bytes_stored,
                     "quiesced": m.quiesced,
+                    "source": m.source,
                     "status": merging.get(m.id, m.status),
                 }
             )

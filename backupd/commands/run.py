@@ -145,6 +145,7 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
         consistency=result.consistency if manifest else "-",
         duration=duration,
         result=outcome,
+        source=result.source or "-",
     )
     if code != ExitCode.BUSY:  # a refused run did not happen; keep the holder's record
         try:
@@ -164,6 +165,7 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
                     else {},
                     error=error,
                     consistency=result.consistency if manifest else None,
+                    source=result.source,
                 ),
             )
             write_metrics(config)

@@ -40,7 +40,8 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             success = "never"
         else:
             consistency = r["last_success_consistency"] or "consistency unknown"
-            success = f"{r['last_success']} ({human_age(age)} ago, {consistency})"
+            offline = ", offline" if r["last_success_source"] == "offline" else ""
+            success = f"{r['last_success']} ({human_age(age)} ago, {consistency}{offline})"
         print(
             f"{r['vm']}: last success {success}, "
             f"last run {r['last_result'] or '-'}, chain {r['chain_length']}, "

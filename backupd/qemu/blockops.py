@@ -15,6 +15,11 @@ What qemu 7.2 answers when the thing named is missing (checked with the real qem
     job-dismiss                GenericError     Job not found
     nbd-server-stop            GenericError     NBD server not running
 
+An image that another process has open (qemu's image locking, ``blockdev-add``)::
+
+    blockdev-add               GenericError     Failed to get "write" lock
+                                                Failed to get shared "write" lock
+
 A refusal, by contrast: ``Node X is in use``, ``Bitmap 'X' is currently in use by
 another operation and cannot be used``, ``Permission conflict on node ...``.
 """
@@ -22,6 +27,7 @@ another operation and cannot be used``, ``Permission conflict on node ...``.
 from __future__ import annotations
 
 import logging
+import re
 from enum import Enum
 from typing import Any
 
@@ -38,6 +44,8 @@ _MISSING_CLASSES = frozenset({"DeviceNotActive", "DeviceNotFound"})
 #: qemu says GenericError for a missing node, export, bitmap, job or NBD server: only
 #: the description tells; "No export"/"No active" are the words of older qemu
 _MISSING_WORDS = ("not found", "Failed to find node", "not running", "No export", "No active")
+#: qemu's image locking: 'Failed to get "write" lock', 'Failed to get shared "write" lock'
+_LOCKED = re.compile(r'Failed to get (shared )?"[a-z ]+" lock')
 
 
 class Refusal(Enum):
@@ -45,6 +53,7 @@ class Refusal(Enum):
 
     MISSING = "missing"  # the thing the command names does not exist
     EXISTS = "exists"  # it exists already (e.g. "NBD server already running")
+    LOCKED = "locked"  # another process holds the image's lock (blockdev-add of a file)
     OTHER = "other"
 
 
@@ -59,6 +68,8 @@ def refusal(exc: QemuCommandError) -> Refusal:
         return Refusal.MISSING
     if "already running" in exc.description:
         return Refusal.EXISTS
+    if _LOCKED.search(exc.description):
+        return Refusal.LOCKED
     return Refusal.OTHER
 
 

@@ -7,7 +7,7 @@ every node (``query-block`` misses bitmaps behind filters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,12 @@ class Disk:
 
     def bitmap(self, name: str) -> Bitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
+
+    @property
+    def stores_bitmaps(self) -> bool:
+        """Whether a persistent dirty bitmap can live in the image (raw images have
+        none, so a raw disk is backed up in full every time)."""
+        return self.driver != "raw"
 
 
 def check_version(version: tuple[int, int, int]) -> None:
@@ -115,6 +121,16 @@ async def _query(monitor: QemuMonitor) -> tuple[list[Disk], dict[str, dict[str, 
         node = nodes.get(inserted["node-name"], inserted)
         disks.append(_disk(name, inserted, node, block.get("qdev") or None))
     return disks, nodes
+
+
+async def node_disks(monitor: QemuMonitor, nodes: Mapping[str, str]) -> list[Disk]:
+    """Disks that are nodes with no guest device (disk name -> node name), in that
+    order: the images backupd opened itself."""
+    found = {n["node-name"]: n for n in await named_nodes(monitor)}
+    missing = [node for node in nodes.values() if node not in found]
+    if missing:
+        raise ConfigError(f"qemu has no node {', '.join(missing)}")
+    return [_disk(name, found[node], found[node], None) for name, node in nodes.items()]
 
 
 async def select_disks(monitor: QemuMonitor, wanted: Sequence[str] | None) -> list[Disk]:

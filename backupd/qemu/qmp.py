@@ -29,7 +29,9 @@ def _check_socket(path: str) -> None:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise QemuConnectError(f"QMP socket {path} does not exist (is the VM running?)") from None
+        raise QemuConnectError(
+            f"QMP socket {path} does not exist (is the VM running?)", unreachable="does not exist"
+        ) from None
     except PermissionError:
         raise QemuConnectError(f"permission denied on QMP socket {path}") from None
     if not stat.S_ISSOCK(info.st_mode):
@@ -85,6 +87,11 @@ class QemuMonitor:
         except ConnectError as exc:
             await self._quiet_disconnect()
             cause = exc.exc if hasattr(exc, "exc") else exc
+            unreachable = ""
+            if isinstance(cause, ConnectionRefusedError):
+                unreachable = "refuses connections"
+            elif isinstance(cause, FileNotFoundError):
+                unreachable = "does not exist"
             if isinstance(cause, PermissionError):
                 reason = "permission denied"
             elif isinstance(cause, ConnectionRefusedError):
@@ -94,7 +101,7 @@ class QemuMonitor:
             else:
                 reason = f"it does not speak QMP like qemu ({type(cause).__name__})"
             raise QemuConnectError(
-                f"cannot connect to {what} at {self._where()}: {reason}"
+                f"cannot connect to {what} at {self._where()}: {reason}", unreachable=unreachable
             ) from None
         if not self.agent:
             greeting = self._client.greeting

@@ -29,13 +29,19 @@ class QemuVM:
         sockdir: Path,
         agent: bool = False,
         file_options: dict[str, str] | None = None,
+        formats: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.disks = dict(disks)
         self.qmp_path = sockdir / "qmp.sock"  # for backupd
         self.harness_qmp = sockdir / "harness.sock"  # qemu serves one client per monitor
         self.agent_path = sockdir / "qga.sock" if agent else None
-        self.images = {name: workdir / f"{name}.qcow2" for name in disks}
+        #: per disk: qcow2 (the default) or raw
+        self.formats = {name: (formats or {}).get(name, "qcow2") for name in disks}
+        self.images = {
+            name: workdir / f"{name}.{'img' if self.formats[name] == 'raw' else 'qcow2'}"
+            for name in disks
+        }
         # qemu's node names have at most 31 characters; device ids may be longer
         self.nodes = {
             name: f"drive-{name}" if len(name) <= 25 else f"drive-{i}"
@@ -70,12 +76,13 @@ class QemuVM:
         for name, size in self.disks.items():
             image = self.images[name]
             if not image.exists():
+                fmt = self.formats[name]
                 subprocess.run(
-                    ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
+                    ["qemu-img", "create", "-q", "-f", fmt, str(image), str(size)], check=True
                 )
             args += [
                 "-blockdev",
-                f"driver=qcow2,node-name={self.nodes[name]},discard=unmap,"
+                f"driver={self.formats[name]},node-name={self.nodes[name]},discard=unmap,"
                 + self.file_options.get(name, f"file.driver=file,file.filename={image}"),
                 "-device",
                 f"virtio-blk-pci,drive={self.nodes[name]},id={name}",

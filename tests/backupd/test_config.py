@@ -89,6 +89,35 @@ def test_fleecing_method_follows_qemu_and_devices() -> None:
             "repository: /r\nvms: {a: {qmp: /x, fleecing: lvm}}",
             "vms.a.fleecing must be one of auto, snapshot-access, blockdev-backup, not 'lvm'",
         ),
+        ("repository: /r\nvms: {a: {qmp: /x, images: [/i]}}", "vms.a.images must be a mapping"),
+        ("repository: /r\nvms: {a: {qmp: /x, images: {}}}", "vms.a.images must name at least"),
+        ("repository: /r\nvms: {a: {qmp: /x, images: {a/b: /i}}}", "invalid disk name 'a/b'"),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, images: {vda: 5}}}",
+            "vms.a.images.vda must be the path of the disk's image",
+        ),
+        ("repository: /r\nvms: {a: {qmp: /x, images: {vda: ''}}}", "vms.a.images.vda must be"),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, images: {vda: {path: /i, fromat: raw}}}}",
+            "unknown configuration key 'vms.a.images.vda.fromat' (did you mean 'format'?)",
+        ),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, images: {vda: {path: /i, format: vmdk}}}}",
+            "vms.a.images.vda.format must be one of qcow2, raw, not 'vmdk'",
+        ),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, images: {vda: {format: raw}}}}",
+            "vms.a.images.vda must be the path",
+        ),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, images: {vda: /i, vdb: /i}}}",
+            "vms.a.images names one image file for two disks",
+        ),
+        (
+            "repository: /r\nvms: {a: {qmp: /x, disks: [vda, vdb], images: {vda: /i}}}",
+            "vms.a.disks names vdb, which vms.a.images does not have",
+        ),
+        ('repository: /r\nvms: {a: {qmp: /x, images: {vda: "/i\\0"}}}', "holds a NUL"),
     ],
 )
 def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -107,3 +136,29 @@ def test_unknown_vm(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "repository: /r\nvms: {a: {qmp: /x}}"))
     with pytest.raises(ConfigError, match="unknown VM 'b' \\(configured: a\\)"):
         config.vm("b")
+
+
+def test_images_paths_and_formats(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+repository: /r
+vms:
+  a:
+    qmp: /run/a.qmp
+    images:
+      vda: /var/lib/vms/a-vda.qcow2
+      vdb: {path: images/a-vdb.img, format: raw}
+      vdc: {path: a-vdc.qcow2}
+  b: {qmp: /run/b.qmp}
+""",
+        )
+    )
+    images = config.vm("a").images
+    assert [(i.disk, i.path, i.format) for i in images] == [
+        ("vda", Path("/var/lib/vms/a-vda.qcow2"), "qcow2"),
+        ("vdb", tmp_path / "images" / "a-vdb.img", "raw"),
+        ("vdc", tmp_path / "a-vdc.qcow2", "qcow2"),
+    ]
+    assert config.vm("b").images == ()

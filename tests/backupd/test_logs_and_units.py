@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from backupd import logs
+from backupd.config import ImageConfig, parse_config
 from backupd.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +36,14 @@ def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
 def test_summary_line_in_text_json_and_journal() -> None:
     for formatter, check in (
         (logs.TextFormatter(), lambda s: "summary: vm=g1 backup=B kind=full" in s),
-        (logs.TextFormatter(), lambda s: " consistency=quiesced duration=1.5s " in s),
+        (
+            logs.TextFormatter(),
+            lambda s: " consistency=quiesced source=offline duration=1.5s " in s,
+        ),
         (logs.JournalFormatter(), lambda s: s.startswith("<6>summary: vm=g1")),
         (logs.JSONFormatter(), lambda s: json.loads(s)["bytes"] == 3 << 20),
         (logs.JSONFormatter(), lambda s: json.loads(s)["consistency"] == "quiesced"),
+        (logs.JSONFormatter(), lambda s: json.loads(s)["source"] == "offline"),
     ):
         logger, stream = capture(formatter)
         logs.log_summary(
@@ -51,6 +57,7 @@ def test_summary_line_in_text_json_and_journal() -> None:
             consistency="quiesced",
             duration=1.5,
             result="ok",
+            source="offline",
         )
         assert check(stream.getvalue()), stream.getvalue()
     logger, stream = capture(logs.JournalFormatter())
@@ -136,12 +143,22 @@ def _commented(config: str, key: str) -> str:
     return line.split(":", 1)[1].split("#")[0].strip()
 
 
+def _example_images(config: str) -> tuple[ImageConfig, ...]:
+    """The commented ``images:`` example of the example configuration, as backupd reads it."""
+    entries = re.findall(r"#\s+(vd\w): (\S.*?)\s+#", config)
+    images = {disk: yaml.safe_load(value) for disk, value in entries}
+    assert images, "the example configuration shows no images"
+    data = {"repository": "/r", "vms": {"guest1": {"qmp": "/q", "images": images}}}
+    return parse_config(data, Path("/etc/backupd/backupd.yaml")).vm("guest1").images
+
+
 def test_shipped_units_config_and_cron_agree() -> None:
     example = (ROOT / "configs" / "backupd.yaml").read_text()
     repository = Path(yaml.safe_load(example)["repository"])
     metrics = Path(_commented(example, "metrics_file"))
     scratch = Path(_commented(example, "scratch_dir"))
     runtime = Path(_commented(example, "runtime_dir"))
+    images = [image.path for image in _example_images(example)]
     for unit in ("backupd@.service", "backupd-all.service"):
         text = (ROOT / "configs" / unit).read_text()
         line = next(li for li in text.splitlines() if li.startswith("ReadWritePaths="))
@@ -152,6 +169,7 @@ def test_shipped_units_config_and_cron_agree() -> None:
 
         assert inside(repository) and inside(scratch), unit
         assert inside(metrics.parent), f"{unit}: the metrics folder is not writable"
+        assert all(inside(image) for image in images), f"{unit}: the images are not writable"
         if "PrivateTmp=yes" in text:  # qemu could not see scratch files there
             assert not inside(scratch, [Path("/tmp"), Path("/var/tmp")]), unit
         assert runtime == Path("/run") / next(

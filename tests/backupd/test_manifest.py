@@ -117,6 +117,8 @@ HOSTILE: dict[str, str] = {
     "duration NaN": _damaged(lambda d: d.update(duration=float("nan"))),
     "duration infinite": _damaged(lambda d: d.update(duration=float("inf"))),
     "quiesced a string": _damaged(lambda d: d.update(quiesced="yes")),
+    "source unknown": _damaged(lambda d: d.update(source="cloud")),
+    "source a number": _damaged(lambda d: d.update(source=1)),
     "format true": _damaged(lambda d: d.update(format=True)),
     "file traversal": _damaged(lambda d: d["disks"]["vda"].update(file="../../x/vda.qcow2")),
     "file other disk": _damaged(lambda d: d["disks"]["vda"].update(file="vdb.qcow2")),
@@ -158,3 +160,14 @@ def test_unknown_keys_are_ignored_and_old_defaults_apply() -> None:
         del data["disks"]["vda"][key]
     loaded = Manifest.from_json(json.dumps(data), "m")
     assert loaded.disks["vda"].copy_seconds == 0.0 and not loaded.disks["vda"].compressed
+
+
+def test_source_round_trips_and_old_manifests_are_online() -> None:
+    offline = Manifest.from_json(
+        json.dumps({**json.loads(sample().to_json()), "source": "offline"}), "m"
+    )
+    assert offline.source == "offline"
+    assert json.loads(offline.to_json())["source"] == "offline"
+    old = json.loads(sample().to_json())
+    del old["source"]
+    assert Manifest.from_json(json.dumps(old), "m").source == "online"

@@ -93,3 +93,15 @@ def test_full_with_a_reason(
 def test_forced_full() -> None:
     plan = plan_backup("full", manifest({"vda": 1 << 20}), 1, [disk("vda")], 14, NAMES)
     assert plan.kind == "full" and plan.parent is None
+
+
+def test_a_raw_image_is_always_a_full_backup_and_says_so() -> None:
+    raw = Disk("vdb", "backupd-image-1", "raw", "/x", 1 << 20, True, None)
+    for latest in (None, manifest({"vda": 1 << 20, "vdb": 1 << 20})):
+        plan = plan_backup("auto", latest, 1, [disk("vda"), raw], 14, NAMES)
+        assert plan.kind == "full"
+        assert plan.reason == (
+            "disk vdb is a raw image, which holds no dirty bitmaps: only full backups"
+        )
+    with pytest.raises(BackupFailed, match="not possible: disk vdb is a raw image"):
+        plan_backup("incremental", manifest({"vdb": 1 << 20}), 1, [raw], 14, NAMES)

@@ -13,6 +13,9 @@ file, so the view shows the disk as it was.
   :mod:`.blockdev_backup`): one transaction starts a ``sync=none`` job per disk; a full
   scratch area fails the guest's writes.
 
+A VM whose qemu is not running needs neither: :mod:`.offline` exports its images,
+which backupd's own qemu-storage-daemon holds locked, as they are.
+
 The parts: :mod:`.names` (what backupd calls things in qemu), :mod:`.scratch` (scratch
 files and the state file), :mod:`.session` (server, exports, teardown),
 :mod:`.recovery` (:func:`cleanup_leftovers`: what a killed run left, and a VM it left
@@ -26,7 +29,12 @@ from pathlib import Path
 
 from backupd.qemu.fleece.blockdev_backup import BlockdevBackupSession
 from backupd.qemu.fleece.method import BLOCKDEV_BACKUP, SNAPSHOT_ACCESS, choose_method
-from backupd.qemu.fleece.recovery import cleanup_leftovers
+from backupd.qemu.fleece.offline import IMAGES, OfflineSession
+from backupd.qemu.fleece.recovery import (
+    cleanup_leftovers,
+    remove_scratch_leftovers,
+    remove_stray_bitmaps,
+)
 from backupd.qemu.fleece.session import DiskExport, FleeceSession, Quiesce
 from backupd.qemu.fleece.snapshot_access import SnapshotAccessSession
 from backupd.qemu.inventory import Disk
@@ -34,15 +42,19 @@ from backupd.qemu.qmp import QemuMonitor
 
 __all__ = [
     "BLOCKDEV_BACKUP",
+    "IMAGES",
     "SNAPSHOT_ACCESS",
     "BlockdevBackupSession",
     "DiskExport",
     "FleeceSession",
+    "OfflineSession",
     "Quiesce",
     "SnapshotAccessSession",
     "choose_method",
     "cleanup_leftovers",
     "fleece_session",
+    "remove_scratch_leftovers",
+    "remove_stray_bitmaps",
 ]
 
 _SESSIONS: dict[str, type[FleeceSession]] = {

@@ -53,7 +53,14 @@ async def cleanup_leftovers(
     removed += await _put_devices_back(monitor, state)
     removed += await _delete_nodes(monitor, CBW_PREFIX)
     removed += await _delete_nodes(monitor, SCRATCH_PREFIX)
-    removed += await _remove_bitmaps(monitor, is_leftover)
+    removed += await remove_stray_bitmaps(monitor, is_leftover)
+    removed += remove_scratch_leftovers(scratch_dir)
+    return removed
+
+
+def remove_scratch_leftovers(scratch_dir: Path) -> list[str]:
+    """The scratch files and the state file a killed run left."""
+    removed = []
     for leftover in leftover_files(scratch_dir):
         leftover.unlink()
         removed.append(f"scratch file {leftover.name}")
@@ -129,7 +136,11 @@ async def _put_devices_back(monitor: QemuMonitor, state: SessionState) -> list[s
     return removed
 
 
-async def _remove_bitmaps(monitor: QemuMonitor, is_leftover: Callable[[str], bool]) -> list[str]:
+async def remove_stray_bitmaps(
+    monitor: QemuMonitor, is_leftover: Callable[[str], bool]
+) -> list[str]:
+    """The bitmaps for which ``is_leftover`` says so, on every node (never the export
+    bitmap)."""
     removed = []
     for node in await named_nodes(monitor):
         for bitmap in node.get("dirty-bitmaps", []) or []:

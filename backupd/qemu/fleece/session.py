@@ -166,16 +166,19 @@ class FleeceSession(ABC):
         await self.monitor.execute("transaction", {"actions": actions})
 
     async def _checkpoint_transaction(self, more: list[Action]) -> None:
-        """One transaction: the new checkpoint bitmap on every disk, and ``more``."""
+        """One transaction: the new checkpoint bitmap on every disk that can store one
+        (not on a raw image), and ``more``."""
         new_bitmaps: list[Action] = [
             {
                 "type": "block-dirty-bitmap-add",
                 "data": {"node": d.node, "name": self.bitmap, "persistent": True},
             }
             for d in self.disks
+            if d.stores_bitmaps
         ]
         self.new_bitmap_sent = True
-        await self._transaction(new_bitmaps + more)
+        if new_bitmaps or more:
+            await self._transaction(new_bitmaps + more)
 
     def _frozen_parent_actions(self, disk: Disk, node: str) -> list[Action]:
         """A disabled copy of the parent's bitmap on ``node``: what the export offers."""
