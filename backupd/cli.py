@@ -20,7 +20,7 @@ from types import ModuleType
 
 from backupd import __version__
 from backupd.commands import VERBS, CommandContext
-from backupd.errors import BackupdError, ExitCode
+from backupd.errors import BackupdError, ExitCode, one_line
 
 DEFAULT_CONFIG = Path("/etc/backupd/backupd.yaml")
 
@@ -118,24 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         code: int = args.command.execute(args, context)
         return code
-    except BackupdError as err:
-        log.error("%s", err)
-        return err.exit_code
-    except OSError as err:
-        where = f": {err.filename}" if err.filename else ""
-        log.error("%s%s", err.strerror or err, where)
-        return ExitCode.FAILED
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except Exception as err:  # a bug: still one line for the user, details in debug log
-        log.debug("unexpected error", exc_info=True)
-        print(
-            f"backupd: internal error: {type(err).__name__}: {err} "
-            "(run with --log-level debug for details)",
-            file=sys.stderr,
-        )
-        return ExitCode.FAILED
+    except Exception as err:
+        code, text = one_line(err)
+        if isinstance(err, (BackupdError, OSError)):
+            log.error("%s", text)
+        else:  # a bug: still one line for the user, details in the debug log
+            log.debug("unexpected error", exc_info=True)
+            print(f"backupd: {text} (run with --log-level debug for details)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -159,3 +159,19 @@ class NotFoundError(BackupdError):
 
 class BackupFailed(BackupdError):
     """A backup run failed before commit; nothing was committed and no change is lost."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """``No space left on device: /path`` (the path when the error names one)."""
+    return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+
+
+def one_line(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one line a user sees for an error that ended a command:
+    the one place where errors become what the CLI reports (a bug is an "internal
+    error", with its details left to the debug log)."""
+    if isinstance(exc, BackupdError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, OSError):
+        return ExitCode.FAILED, os_error_text(exc)
+    return ExitCode.FAILED, f"internal error: {type(exc).__name__}: {exc}"

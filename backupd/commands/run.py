@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 from backupd.backup import RunResult, run_backup
 from backupd.commands import CommandContext
-from backupd.errors import BackupdError, ExitCode, UsageError
+from backupd.config import Config, VMConfig
+from backupd.errors import BackupdError, ExitCode, UsageError, one_line, os_error_text
 from backupd.logs import log_summary
 from backupd.progress import progress_mode
 from backupd.repository import Repository
@@ -96,22 +97,15 @@ class Interrupt:
         return signal.Signals(self.signal or signal.SIGINT).name
 
 
-async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: Interrupt) -> int:
-    config = context.config()
-    vm = config.vm(vm_name)
-    result = RunResult(vm.name)
-    started = time.time()
-    code = int(ExitCode.OK)
-    error = ""
+async def _attempt(
+    context: CommandContext, vm: VMConfig, mode: str, interrupt: Interrupt, result: RunResult
+) -> tuple[int, str]:
+    """Run the backup; (exit code, error line) of how it ended, logged."""
     try:
         await run_backup(
-            config, vm, mode, progress_mode=progress_mode(context.quiet), result=result
+            context.config(), vm, mode, progress_mode=progress_mode(context.quiet), result=result
         )
-    except BackupdError as exc:
-        code, error = exc.exit_code, str(exc)
-        log.error("%s: %s", vm.name, exc)
     except asyncio.CancelledError:
-        code, error = interrupt.exit_code, f"interrupted ({interrupt.name})"
         if result.manifest is not None:
             log.warning(
                 "%s: interrupted (%s) after backup %s was committed; the next run removes "
@@ -122,18 +116,49 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
             )
         else:
             log.error("%s: backup interrupted (%s); nothing was committed", vm.name, interrupt.name)
+        return interrupt.exit_code, f"interrupted ({interrupt.name})"
+    except Exception as exc:
+        code, error = one_line(exc)
+        log.error("%s: %s", vm.name, error)
+        if not isinstance(exc, (BackupdError, OSError)):
+            log.debug("details", exc_info=True)
+        return code, error
+    return ExitCode.OK, ""
+
+
+def _record(config: Config, result: RunResult, started: float, error: str) -> None:
+    """The run's status file and the metrics textfile."""
+    manifest, plan = result.manifest, result.plan
+    try:
+        record_run(
+            Repository(config.repository).vm(result.vm),
+            RunRecord(
+                vm=result.vm,
+                result="ok" if manifest is not None else "failed",
+                started=started,
+                duration=round(time.time() - started, 3),
+                backup=manifest.id if manifest else None,
+                kind=plan.kind if plan else None,
+                reason=plan.reason if plan else "",
+                bytes=manifest.bytes_copied if manifest else 0,
+                disks={d.name: d.bytes_copied for d in manifest.disks.values()} if manifest else {},
+                error=error,
+                consistency=result.consistency if manifest else None,
+                source=result.source,
+            ),
+        )
+        write_metrics(config)
     except OSError as exc:
-        code = ExitCode.FAILED
-        error = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
-        log.error("%s: %s", vm.name, error)
-    except Exception as exc:  # a bug: still one line and a summary
-        code, error = ExitCode.FAILED, f"internal error: {type(exc).__name__}: {exc}"
-        log.error("%s: %s", vm.name, error)
-        log.debug("details", exc_info=True)
-    duration = time.time() - started
-    manifest = result.manifest
-    plan = result.plan
-    outcome = "ok" if code == ExitCode.OK else "interrupted" if interrupt.signal else "failed"
+        log.warning("%s: could not record the run's status: %s", result.vm, os_error_text(exc))
+
+
+async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: Interrupt) -> int:
+    config = context.config()
+    vm = config.vm(vm_name)
+    result = RunResult(vm.name)
+    started = time.time()
+    code, error = await _attempt(context, vm, mode, interrupt, result)
+    manifest, plan = result.manifest, result.plan
     log_summary(
         log,
         vm=vm.name,
@@ -143,40 +168,12 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
         disks=result.disks,
         copied=manifest.bytes_copied if manifest else 0,
         consistency=result.consistency if manifest else "-",
-        duration=duration,
-        result=outcome,
+        duration=time.time() - started,
+        result="ok" if code == ExitCode.OK else "interrupted" if interrupt.signal else "failed",
         source=result.source or "-",
     )
     if code != ExitCode.BUSY:  # a refused run did not happen; keep the holder's record
-        try:
-            record_run(
-                Repository(config.repository).vm(vm.name),
-                RunRecord(
-                    vm=vm.name,
-                    result="ok" if manifest is not None else "failed",
-                    started=started,
-                    duration=round(duration, 3),
-                    backup=manifest.id if manifest else None,
-                    kind=plan.kind if plan else None,
-                    reason=plan.reason if plan else "",
-                    bytes=manifest.bytes_copied if manifest else 0,
-                    disks={d.name: d.bytes_copied for d in manifest.disks.values()}
-                    if manifest
-                    else {},
-                    error=error,
-                    consistency=result.consistency if manifest else None,
-                    source=result.source,
-                ),
-            )
-            write_metrics(config)
-        except OSError as exc:
-            where = f" {exc.filename}" if exc.filename else ""
-            log.warning(
-                "%s: could not record the run's status:%s: %s",
-                vm.name,
-                where,
-                exc.strerror or exc,
-            )
+        _record(config, result, started, error)
     return int(code)
 
 
