@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from backupd.errors import ConfigError
-from nbdclient.copy import DEFAULT_REQUEST_SIZE
+from nbdclient.copy.engine import DEFAULT_REQUEST_SIZE
 
 FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import backupd.fileio as fileio
 import backupd.transfer as transfer
+import nbdclient.fileio as fileio
 from backupd.config import Transfer
 from backupd.digests import hexdigest
 from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
