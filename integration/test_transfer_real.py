@@ -5,6 +5,8 @@ disk size whose last cluster is partly past the end."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,40 @@ async def test_copy_matches_source(
     assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(guest))
     assert sum(n for _, n in guest) == record.bytes_copied
     assert record.bytes_copied == sum(lengths) + 1536
+
+
+async def test_compressed_copy(tmp_path: Path, sockdir: Path) -> None:
+    """Compressed clusters (and raw ones where random data does not shrink): the same
+    guest bytes, a clean image, and digests of exactly the stored bytes."""
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(MiB)
+        f.write(b"\x5a" * (3 * MiB))  # compresses
+        f.seek(9 * MiB + 4096)
+        f.write(os.urandom(2 * MiB))  # does not
+        f.seek(40 * MiB)
+        f.write(b"\x01" * 1536)  # the partial last cluster
+    source = tmp_path / "src.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(source)], check=True
+    )
+    out = tmp_path / "out.qcow2"
+    with qemu_nbd(source, sockdir / "s.sock") as uri:
+        record = await transfer.transfer_disk(
+            name="vda",
+            node="n",
+            uri=uri,
+            dirty_context=None,
+            path=out,
+            backing_file=None,
+            settings=Transfer(2, 8, 512 << 10, True),
+        )
+    qemu_img_check(out)
+    cmp = qemu_img_compare(source, out)
+    assert cmp.returncode == 0, cmp.stdout
+    data = out.read_bytes()
+    for run in record.digests:
+        assert hexdigest(data[run.host_offset : run.host_offset + run.length]) == run.digest
+    assert record.compressed and record.bytes_copied == 3 * MiB + 2 * MiB + 65536 + 1536
+    assert 2 * MiB < record.bytes_stored < 3 * MiB  # random data stored raw, the rest packed

@@ -34,7 +34,7 @@ def check_destination(path: Path, *, overwrite: bool) -> None:
     except FileNotFoundError:
         return
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        raise OSError(errno.EEXIST, "exists and is not a regular file", str(path))
+        raise OSError(errno.EINVAL, "is not a regular file", str(path))
     if not overwrite:
         raise FileExistsError(errno.EEXIST, "exists", str(path))
 
