@@ -76,7 +76,7 @@ async def restore_to_file(
                 plan = Plan.from_extents(extents)
                 sink = RawFileSink(out, size)
             else:  # whole clusters, so every stored cluster is complete
-                clusters = plan_clusters(extents, incremental=False, cluster=CLUSTER_SIZE)
+                clusters = plan_clusters(extents, incremental=False)
                 plan = Plan.from_blocks(clusters.data, [], CLUSTER_SIZE, size)
                 sink = Qcow2Sink.into(out, size)
             await copy(

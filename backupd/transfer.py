@@ -28,8 +28,6 @@ from nbdclient.copy import WRITE_BATCH, BufferPool, Plan, Source, copy
 from nbdclient.copy.plan import Interval, blocks_touched, intersect, subtract
 from nbdclient.extents import MappedExtent
 
-CLUSTER = CLUSTER_SIZE
-
 
 @dataclass(frozen=True, slots=True)
 class CopyPlan:
@@ -44,7 +42,7 @@ class CopyPlan:
 
 
 def plan_clusters(
-    extents: Sequence[MappedExtent], *, incremental: bool, cluster: int = CLUSTER
+    extents: Sequence[MappedExtent], *, incremental: bool, cluster: int = CLUSTER_SIZE
 ) -> CopyPlan:
     """Which clusters to read and which to record as zero.
 
@@ -61,7 +59,7 @@ def plan_clusters(
 
 def buffer_size(settings: Transfer) -> int:
     """Bytes per buffer: one read, or one batch of reads written at once."""
-    return max(settings.request_size // CLUSTER * CLUSTER, CLUSTER, WRITE_BATCH)
+    return max(settings.request_size // CLUSTER_SIZE * CLUSTER_SIZE, CLUSTER_SIZE, WRITE_BATCH)
 
 
 def run_pool(settings: Transfer) -> BufferPool:
@@ -99,7 +97,7 @@ async def transfer_disk(
     ) as source:
         size = source.size
         clusters = plan_clusters(await source.map(), incremental=dirty_context is not None)
-        plan = Plan.from_blocks(clusters.data, clusters.zero, CLUSTER, size)
+        plan = Plan.from_blocks(clusters.data, clusters.zero, CLUSTER_SIZE, size)
         if on_total is not None:
             on_total(plan.read_bytes)
         sink = Qcow2Sink.create(
@@ -122,7 +120,7 @@ async def transfer_disk(
         file=path.name,
         node=node,
         virtual_size=size,
-        cluster_size=CLUSTER,
+        cluster_size=CLUSTER_SIZE,
         bytes_copied=stats.bytes_read,
         bytes_stored=sink.stored,
         data_extents=len(clusters.data),

@@ -232,73 +232,82 @@ async def copy(
     ``on_batch`` is awaited after each with its number of reads.
     """
     try:
-        read = await _run(
-            source, plan, sink, pool, requests, request_size, connections, progress, on_batch
-        )
+        if plan.read_bytes > SPREAD_MIN:
+            await source.spread(connections)
+        workers = _Workers(source, sink, pool, requests, request_size, progress, on_batch)
+        await workers.run(plan, max(1, requests))
         await sink.finish()
     except BaseException:
         with contextlib.suppress(Exception):  # the copy's error is the one to report
             await sink.abort()
         raise
-    return CopyStats(source.size, read, plan.zero_bytes)
+    return CopyStats(source.size, workers.total, plan.zero_bytes)
 
 
-async def _run(
-    source: Source,
-    plan: Plan,
-    sink: Sink,
-    pool: BufferPool | None,
-    requests: int,
-    request_size: int,
-    connections: int,
-    progress: ProgressCallback | None,
-    on_batch: Callable[[int], Awaitable[None]] | None,
-) -> int:
-    if plan.read_bytes > SPREAD_MIN:
-        await source.spread(connections)
-    grain = sink.granularity
-    step = min(request_size, source.max_request) // grain * grain
-    if step <= 0:
-        raise ValueError(f"requests of {request_size} bytes cannot carry {grain}-byte blocks")
-    limit = max(step, WRITE_BATCH)
-    buffers = pool or BufferPool(limit, max(1, requests))
-    if buffers.size < _align(step, grain):
-        raise ValueError(f"buffers of {buffers.size} bytes cannot hold a {step}-byte read")
-    batches = _batches(_requests(plan, step, grain), sink, min(buffers.size, limit))
-    total = 0
+class _Workers:
+    """The batches of one copy, and the workers that read and write them."""
 
-    async def worker(client: Client) -> None:
-        nonlocal total
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink,
+        pool: BufferPool | None,
+        requests: int,
+        request_size: int,
+        progress: ProgressCallback | None,
+        on_batch: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        grain = sink.granularity
+        self.step = min(request_size, source.max_request) // grain * grain
+        if self.step <= 0:
+            raise ValueError(f"requests of {request_size} bytes cannot carry {grain}-byte blocks")
+        self.limit = max(self.step, WRITE_BATCH)
+        self.buffers = pool or BufferPool(self.limit, max(1, requests))
+        if self.buffers.size < _align(self.step, grain):
+            raise ValueError(f"buffers of {self.buffers.size} bytes cannot hold one read")
+        self.source = source
+        self.sink = sink
+        self.progress = progress
+        self.on_batch = on_batch
+        self.total = 0
+
+    async def run(self, plan: Plan, workers: int) -> None:
+        batches = _batches(
+            _requests(plan, self.step, self.sink.granularity),
+            self.sink,
+            min(self.buffers.size, self.limit),
+        )
+        clients = self.source.clients
+        failed: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._zeros(plan))
+                for index in range(workers):
+                    group.create_task(self._worker(clients[index % len(clients)], batches))
+        except BaseExceptionGroup as errors:
+            failed = first_error(errors)
+        if failed is not None:
+            raise failed  # outside the handler: the error keeps its own context
+
+    async def _worker(self, client: Client, batches: Iterator[Batch]) -> None:
         for batch in batches:
-            buf = await buffers.get()
+            buf = await self.buffers.get()
             try:
                 await client.pread_many(  # every request of the batch in one write
                     [(buf[r.position : r.position + r.length], r.offset) for r in batch.reads]
                 )
-                await sink.write(batch, buf)
+                await self.sink.write(batch, buf)
             except BaseException:
-                buffers.discard(buf)
+                self.buffers.discard(buf)  # a late reply or a running thread may touch it
                 raise
-            buffers.put(buf)
+            self.buffers.put(buf)
             length = batch.length
-            total += length
-            if progress is not None:
-                progress(length)
-            if on_batch is not None:
-                await on_batch(len(batch.reads))
+            self.total += length
+            if self.progress is not None:
+                self.progress(length)
+            if self.on_batch is not None:
+                await self.on_batch(len(batch.reads))
 
-    async def zeros() -> None:
+    async def _zeros(self, plan: Plan) -> None:
         for start, end in plan.zeros:
-            await sink.zero(start, end - start)
-
-    failed: BaseException | None = None
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(zeros())
-            for index in range(max(1, requests)):
-                group.create_task(worker(source.clients[index % len(source.clients)]))
-    except BaseExceptionGroup as errors:
-        failed = first_error(errors)
-    if failed is not None:
-        raise failed  # outside the handler: the error keeps its own context
-    return total
+            await self.sink.zero(start, end - start)
