@@ -15,11 +15,26 @@ import backupd.transfer as transfer
 import nbdclient.fileio as fileio
 from backupd.config import Transfer
 from backupd.digests import hexdigest
+from backupd.manifest import DiskRecord
 from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 
 MiB = 1 << 20
 SIZE = 40 * MiB + 3 * 512  # the last cluster holds 1536 bytes of disk
+
+
+async def full_copy(source: Path, out: Path, sockdir: Path, settings: Transfer) -> DiskRecord:
+    """A full backup copy of ``source``, served by qemu-nbd, into ``out``."""
+    with qemu_nbd(source, sockdir / "s.sock") as uri:
+        return await transfer.transfer_disk(
+            name="vda",
+            node="n",
+            uri=uri,
+            dirty_context=None,
+            path=out,
+            backing_file=None,
+            settings=settings,
+        )
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "buffered"])
@@ -41,16 +56,7 @@ async def test_copy_matches_source(
 
     monkeypatch.setattr(fileio, "open_direct", open_direct)
     out = tmp_path / "out.qcow2"
-    with qemu_nbd(source, sockdir / "s.sock") as uri:
-        record = await transfer.transfer_disk(
-            name="vda",
-            node="n",
-            uri=uri,
-            dirty_context=None,
-            path=out,
-            backing_file=None,
-            settings=Transfer(2, 8, request_size, False),
-        )
+    record = await full_copy(source, out, sockdir, Transfer(2, 8, request_size, False))
     if direct and opened[0] < 0:
         pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
     assert (opened[0] >= 0) == direct
@@ -84,16 +90,7 @@ async def test_compressed_copy(tmp_path: Path, sockdir: Path) -> None:
         ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(source)], check=True
     )
     out = tmp_path / "out.qcow2"
-    with qemu_nbd(source, sockdir / "s.sock") as uri:
-        record = await transfer.transfer_disk(
-            name="vda",
-            node="n",
-            uri=uri,
-            dirty_context=None,
-            path=out,
-            backing_file=None,
-            settings=Transfer(2, 8, 512 << 10, True),
-        )
+    record = await full_copy(source, out, sockdir, Transfer(2, 8, 512 << 10, True))
     qemu_img_check(out)
     cmp = qemu_img_compare(source, out)
     assert cmp.returncode == 0, cmp.stdout

@@ -165,9 +165,9 @@ class BufferPool:
         self._free.put_nowait(buf)
 
     def discard(self, buf: memoryview) -> None:
-        """Drop a buffer that an abandoned read or write may still touch; a new one
-        will be made in its place."""
-        self._made -= 1
+        """Drop a buffer that an abandoned read or write may still touch, and put a new
+        one in its place (a copy waiting for a buffer gets it)."""
+        self._free.put_nowait(aligned_buffer(self.size))
 
 
 @dataclass(frozen=True, slots=True)

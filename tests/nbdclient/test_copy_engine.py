@@ -321,3 +321,36 @@ async def test_raw_sink_commit_and_refusals(tmp_path: Path) -> None:
     assert os.stat(link).st_mode & 0o777 == 0o600
     with pytest.raises(OSError, match="not a regular file"):
         OutputFile(tmp_path, overwrite=True).open()
+
+
+async def test_shared_pool_survives_a_failed_copy(sockdir: Path) -> None:
+    """A copy waiting for a buffer of a shared pool gets one when another copy fails and
+    drops its buffer."""
+
+    async def failing(session: Session, request: Request) -> None:
+        if request.command == Command.READ:
+            await asyncio.sleep(0.1)
+            session.write(session.error_chunk(request.cookie, 5, "bad sector"))
+        else:
+            await default_handler(session, request)
+
+    pool = TrackingPool(65536, 1)
+    async with (
+        FakeServer(str(sockdir / "a"), handler=failing) as bad,
+        FakeServer(str(sockdir / "b")) as good,
+    ):
+        good.data[:] = pattern()
+        async with await Source.open(bad.uri) as a, await Source.open(good.uri) as b:
+            sink_a, sink_b = RecordingSink(), RecordingSink()
+            first = asyncio.create_task(
+                copy(a, Plan([(0, SIZE)]), sink_a, pool=pool, requests=1, request_size=65536)
+            )
+            await asyncio.sleep(0.02)  # the failing copy holds the only buffer
+            second = copy(b, Plan([(0, SIZE)]), sink_b, pool=pool, requests=1, request_size=65536)
+            results = await asyncio.wait_for(
+                asyncio.gather(first, second, return_exceptions=True), 10
+            )
+    assert isinstance(results[0], nbdclient.RequestError)
+    assert results[1] == nbdclient.copy.CopyStats(SIZE, SIZE, 0)
+    assert sink_b.data == pattern() and sink_b.finished == 1
+    assert len(pool.dropped) == 1 and pool.dropped[0] not in sink_b.buffers
