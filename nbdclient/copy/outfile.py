@@ -50,7 +50,7 @@ class OutputFile:
         """Create the temporary file; returns its descriptor (read-write)."""
         check_destination(self.path, overwrite=self.overwrite)
         fd, temp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part"
+            dir=self.path.parent, prefix=f".{self.path.name[:200]}.", suffix=".part"
         )
         self.fd, self.temp = fd, Path(temp)
         return fd
