@@ -128,9 +128,10 @@ class DataFile:
             return fn(*args)
         return await self.offload(fn, *args)
 
-    def write(self, data: memoryview, offset: int) -> None:
-        """Write ``data`` at ``offset`` (from any thread)."""
-        if self.direct and direct_ok(data, offset):
+    def write(self, data: memoryview, offset: int, *, direct: bool = True) -> None:
+        """Write ``data`` at ``offset`` (from any thread); ``direct=False``: buffered
+        even where direct I/O would be possible."""
+        if direct and self.direct and direct_ok(data, offset):
             try:
                 pwrite_all(self._direct_fd, data, offset)
                 return

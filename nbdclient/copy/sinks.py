@@ -3,7 +3,8 @@ and nothing at all.
 
 - :class:`RawFileSink`: a new sparse file of the source's size (an
   :class:`~nbdclient.copy.outfile.OutputFile`); data lands at its source offsets,
-  zeros stay holes, writes go direct where the filesystem allows it.
+  zeros stay holes, runs of :data:`DIRECT_MIN` bytes and more are written direct where
+  the filesystem allows it.
 - :class:`NBDSink`: a writable NBD export at least as large as the source; data as
   WRITE, zeros as WRITE_ZEROES (writes of zeros where the server has none), a FLUSH at
   the end.
@@ -27,6 +28,12 @@ from .outfile import OutputFile
 #: the largest write of zeros when the server has no WRITE_ZEROES
 ZERO_CHUNK = 1 << 20
 
+#: runs shorter than this are written buffered: a direct write waits for the device,
+#: and a raw file of scattered 64 KiB extents took 2.6 s per 512 MiB written direct
+#: against 1.9 s buffered; from here on direct I/O pays (no page-cache copy, and the
+#: host's cache keeps what it had)
+DIRECT_MIN = 256 << 10
+
 
 class RawFileSink:
     granularity = 1
@@ -47,7 +54,8 @@ class RawFileSink:
     def _write_runs(self, buf: memoryview, runs: Sequence[Run]) -> None:
         for run in runs:
             assert run.target is not None
-            self._out.write(buf[run.position : run.position + run.length], run.target)
+            view = buf[run.position : run.position + run.length]
+            self._out.write(view, run.target, direct=run.length >= DIRECT_MIN)
 
     async def write(self, batch: Batch, buf: memoryview) -> None:
         await self._out.store(batch.length, self._write_runs, buf, batch.runs())
