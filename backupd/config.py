@@ -16,7 +16,7 @@ import yaml
 
 from backupd import names
 from backupd.errors import ConfigError
-from nbdclient.copy import DEFAULT_REQUEST_SIZE
+from nbdclient.copy.engine import DEFAULT_REQUEST_SIZE
 
 FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
 #: the formats an image of ``images:`` may have (never guessed: see ImageConfig)

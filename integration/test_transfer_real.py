@@ -5,19 +5,36 @@ disk size whose last cluster is partly past the end."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-import backupd.fileio as fileio
 import backupd.transfer as transfer
+import nbdclient.fileio as fileio
 from backupd.config import Transfer
 from backupd.digests import hexdigest
+from backupd.manifest import DiskRecord
 from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 
 MiB = 1 << 20
 SIZE = 40 * MiB + 3 * 512  # the last cluster holds 1536 bytes of disk
+
+
+async def full_copy(source: Path, out: Path, sockdir: Path, settings: Transfer) -> DiskRecord:
+    """A full backup copy of ``source``, served by qemu-nbd, into ``out``."""
+    with qemu_nbd(source, sockdir / "s.sock") as uri:
+        return await transfer.transfer_disk(
+            name="vda",
+            node="n",
+            uri=uri,
+            dirty_context=None,
+            path=out,
+            backing_file=None,
+            settings=settings,
+        )
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "buffered"])
@@ -39,16 +56,7 @@ async def test_copy_matches_source(
 
     monkeypatch.setattr(fileio, "open_direct", open_direct)
     out = tmp_path / "out.qcow2"
-    with qemu_nbd(source, sockdir / "s.sock") as uri:
-        record = await transfer.transfer_disk(
-            name="vda",
-            node="n",
-            uri=uri,
-            dirty_context=None,
-            path=out,
-            backing_file=None,
-            settings=Transfer(2, 8, request_size, False),
-        )
+    record = await full_copy(source, out, sockdir, Transfer(2, 8, request_size, False))
     if direct and opened[0] < 0:
         pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
     assert (opened[0] >= 0) == direct
@@ -63,3 +71,31 @@ async def test_copy_matches_source(
     assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(guest))
     assert sum(n for _, n in guest) == record.bytes_copied
     assert record.bytes_copied == sum(lengths) + 1536
+
+
+async def test_compressed_copy(tmp_path: Path, sockdir: Path) -> None:
+    """Compressed clusters (and raw ones where random data does not shrink): the same
+    guest bytes, a clean image, and digests of exactly the stored bytes."""
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(MiB)
+        f.write(b"\x5a" * (3 * MiB))  # compresses
+        f.seek(9 * MiB + 4096)
+        f.write(os.urandom(2 * MiB))  # does not
+        f.seek(40 * MiB)
+        f.write(b"\x01" * 1536)  # the partial last cluster
+    source = tmp_path / "src.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(source)], check=True
+    )
+    out = tmp_path / "out.qcow2"
+    record = await full_copy(source, out, sockdir, Transfer(2, 8, 512 << 10, True))
+    qemu_img_check(out)
+    cmp = qemu_img_compare(source, out)
+    assert cmp.returncode == 0, cmp.stdout
+    data = out.read_bytes()
+    for run in record.digests:
+        assert hexdigest(data[run.host_offset : run.host_offset + run.length]) == run.digest
+    assert record.compressed and record.bytes_copied == 3 * MiB + 2 * MiB + 65536 + 1536
+    assert 2 * MiB < record.bytes_stored < 3 * MiB  # random data stored raw, the rest packed

@@ -4,7 +4,7 @@
     nbdclient list URI                  export names and descriptions
     nbdclient contexts URI [QUERY...]   meta contexts (e.g. qemu: or qemu:dirty-bitmap:)
     nbdclient map URI [--context C]     extents of a meta context (--json)
-    nbdclient copy URI DEST             DEST: a file, null:, or another NBD URI
+    nbdclient copy URI DEST [--force]   DEST: a new file (0600), null:, or an NBD URI
 
 Exit codes: 0 success, 1 NBD error, 2 usage error.
 """
@@ -18,12 +18,20 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __name__ as _pkg
 from .client import connect, list_exports, list_meta_contexts
 from .constants import BASE_ALLOCATION
-from .copy import DEFAULT_REQUEST_SIZE, copy_to_file, copy_to_nbd
+from .copy import (
+    DEFAULT_REQUEST_SIZE,
+    CopyOptions,
+    check_destination,
+    copy_to_file,
+    copy_to_nbd,
+    copy_to_null,
+)
 from .errors import NBDError, NegotiationError, UnsupportedError
 from .extents import iter_block_status
 from .uri import parse_uri
@@ -122,28 +130,32 @@ async def _map(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    request_size = args.request_size
+    dest = args.destination
+    to_nbd = dest.startswith(("nbd:", "nbds:", "nbd+", "nbds+"))
+    if not to_nbd and dest != "null:":
+        problem = _file_destination_problem(Path(dest), args.force)
+        if problem:
+            print(f"{_pkg}: {problem}", file=sys.stderr)
+            return 2
     bar: Any = None
     if sys.stderr.isatty() and not args.quiet:
         from tqdm import tqdm
 
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
-    if args.destination.startswith(("nbd:", "nbds:", "nbd+", "nbds+")):
-        stats = await copy_to_nbd(
-            args.source,
-            args.destination,
-            requests=args.requests,
-            request_size=request_size,
-            progress=bar.update if bar is not None else None,
-        )
+    options = CopyOptions(
+        requests=args.requests,
+        connections=args.connections,
+        request_size=args.request_size,
+        timeout=args.timeout,
+    )
+    progress = bar.update if bar is not None else None
+    if to_nbd:
+        stats = await copy_to_nbd(args.source, dest, options, progress=progress)
+    elif dest == "null:":
+        stats = await copy_to_null(args.source, options, progress=progress)
     else:
         stats = await copy_to_file(
-            args.source,
-            args.destination,
-            requests=args.requests,
-            connections=args.connections,
-            request_size=request_size,
-            progress=bar.update if bar is not None else None,
+            args.source, dest, options, overwrite=args.force, progress=progress
         )
     if bar is not None:
         bar.close()
@@ -156,6 +168,19 @@ async def _copy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _file_destination_problem(path: Path, force: bool) -> str | None:
+    """Why a file cannot be written at ``path`` (None: it can)."""
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist"
+    try:
+        check_destination(path, overwrite=force)
+    except FileExistsError:
+        return f"{path} exists; use --force to replace it"
+    except OSError as exc:
+        return f"{path} {exc.strerror}"
+    return None
 
 
 def _size(text: str) -> int:
@@ -207,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copy", help="copy an export to a file, null: or an NBD URI")
     p.add_argument("source", type=_uri)
     p.add_argument("destination")
-    p.add_argument("--requests", type=int, default=16, help="reads in flight (default 16)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="batches of reads in flight, each up to 2 MiB (default 16)",
+    )
     p.add_argument("--connections", type=int, default=4, help="with multi-conn (default 4)")
     p.add_argument(
         "--request-size",
@@ -215,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_REQUEST_SIZE,
         help="bytes per read, e.g. 256K or 2M (default 512K)",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing destination file")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=_copy)
     return parser

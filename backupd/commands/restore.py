@@ -74,7 +74,7 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
                     target = args.to
                 else:
                     stats = await restore_to_file(
-                        disk.uri, args.output, fmt=args.format, progress=update
+                        disk.uri, args.output, fmt=args.format, force=args.force, progress=update
                     )
                     target = str(args.output)
             finally:

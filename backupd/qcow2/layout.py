@@ -18,6 +18,8 @@ OFLAG_COPIED: Final = 1 << 63
 OFLAG_COMPRESSED: Final = 1 << 62
 OFLAG_ZERO: Final = 1
 SECTOR: Final = 512
+#: the cluster size of every image backupd writes
+CLUSTER_SIZE: Final = 65536
 
 
 def align_up(value: int, alignment: int) -> int:

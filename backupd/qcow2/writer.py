@@ -20,8 +20,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.fileio import pwrite_all
 from backupd.qcow2 import layout
+from nbdclient.fileio import pwrite_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Qcow2Writer:
         path: Path,
         virtual_size: int,
         *,
-        cluster_size: int = 65536,
+        cluster_size: int = layout.CLUSTER_SIZE,
         backing_file: str | None = None,
         backing_format: str = "qcow2",
     ) -> None:
@@ -51,6 +51,7 @@ class Qcow2Writer:
         self.backing_file = backing_file
         self.backing_format = backing_format if backing_file else None
         self.fd = -1
+        self._owns_fd = True
         self._next = cluster_size  # cluster 0 holds the header
         self._l2: dict[int, int] = {}  # guest cluster index -> L2 entry
         self._compressed_refs: dict[int, int] = {}  # host cluster -> references
@@ -63,8 +64,14 @@ class Qcow2Writer:
     def guest_clusters(self) -> int:
         return -(-self.virtual_size // self.cluster_size)
 
-    def open(self) -> Qcow2Writer:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    def open(self, fd: int | None = None) -> Qcow2Writer:
+        """Create the file at :attr:`path` (exclusively, 0600), or write into ``fd``, an
+        empty file that its creator closes and removes (then :meth:`finish` syncs
+        but leaves it open, and :meth:`abort` leaves it alone)."""
+        self._owns_fd = fd is None
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = fd
         return self
 
     def _clusters(self, guest_offset: int, length: int) -> range:
@@ -191,13 +198,17 @@ class Qcow2Writer:
         )
         pwrite_all(self.fd, header, 0)
         os.fsync(self.fd)
-        os.close(self.fd)
+        if self._owns_fd:
+            os.close(self.fd)
         self.fd = -1
         self.finished = True
         return Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
 
     def abort(self) -> None:
-        """Close and remove an unfinished file."""
+        """Close and remove an unfinished file (one this writer created)."""
+        if not self._owns_fd:
+            self.fd = -1
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

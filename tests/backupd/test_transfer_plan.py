@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backupd.transfer import CopyPlan, intersect, plan_clusters, subtract
+from backupd.transfer import CopyPlan, plan_clusters
 from nbdclient.extents import MappedExtent
 
 C = 65536
@@ -34,8 +34,3 @@ def test_incremental_dirty_zero_and_partial_clusters() -> None:
     plan = plan_clusters(extents, incremental=True)
     assert plan.data == [(2, 5)]
     assert plan.zero == [(1, 2)]
-
-
-def test_interval_helpers() -> None:
-    assert intersect([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
-    assert subtract([(0, 10), (20, 30)], [(2, 4), (8, 22), (29, 40)]) == [(0, 2), (4, 8), (22, 29)]

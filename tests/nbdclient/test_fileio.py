@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.fileio import DIRECT_ALIGN, DataFile, aligned_buffer, direct_ok
+from nbdclient.fileio import DIRECT_ALIGN, DataFile, aligned_buffer, direct_ok
 
 
 def test_aligned_buffer_is_page_aligned_and_zeroed() -> None:
@@ -29,7 +29,7 @@ def test_direct_ok() -> None:
 def test_refused_direct_write_falls_back_to_buffered(tmp_path: Path) -> None:
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    out = DataFile(fd, path)
+    out = DataFile(fd)
     try:
         if not out.direct:
             pytest.skip(f"the filesystem of {tmp_path} does not do direct I/O")
