@@ -29,17 +29,18 @@ from backupd.errors import BackupFailed, BusyError, QemuError, RepositoryError
 from backupd.faults import checkpoint
 from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
-from backupd.manifest import DiskRecord, Manifest
+from backupd.manifest import Consistency, DiskRecord, Manifest, VMState
 from backupd.merge import finish as finish_merge
-from backupd.planning import Plan, plan_backup
+from backupd.planning import Mode, Plan, plan_backup
 from backupd.private import private_dir
+from backupd.progress import ProgressMode
 from backupd.qemu.blockops import remove_bitmap
 from backupd.qemu.inventory import Disk
 from backupd.qemu.qmp import QemuMonitor
 from backupd.quiesce import freeze_window
 from backupd.repository import Repository, StagedBackup
 from backupd.shield import run_to_completion
-from backupd.sources import ONLINE, Source, open_source
+from backupd.sources import Source, open_source
 
 log = logging.getLogger("backupd")
 
@@ -66,11 +67,11 @@ class RunResult:
     #: the file systems were frozen at the point in time (else crash-consistent)
     quiesced: bool = False
     #: "online" (the VM's qemu) or "offline" (its images); None before it was known
-    source: str | None = None
+    source: VMState | None = None
 
     @property
-    def consistency(self) -> str:
-        return "quiesced" if self.quiesced else "crash-consistent"
+    def consistency(self) -> Consistency:
+        return Consistency.QUIESCED if self.quiesced else Consistency.CRASH_CONSISTENT
 
 
 def runtime_base(config: Config) -> Path:
@@ -89,9 +90,9 @@ class BackupRun:
         self,
         config: Config,
         vm: VMConfig,
-        mode: str = "auto",
+        mode: Mode = Mode.AUTO,
         *,
-        progress_mode: str = "none",
+        progress_mode: ProgressMode = ProgressMode.NONE,
         hooks: RunHooks | None = None,
         result: RunResult | None = None,
     ) -> None:
@@ -256,7 +257,7 @@ class BackupRun:
     def _quiesced(self, frozen: bool) -> None:
         self.result.quiesced = frozen
 
-    def _chosen(self, source: str) -> None:
+    def _chosen(self, source: VMState) -> None:
         self.result.source = source
 
     async def _commit(
@@ -275,7 +276,7 @@ class BackupRun:
             quiesced=self.result.quiesced,
             duration=round(time.monotonic() - self.started, 3),
             disks={r.name: r for r in records},
-            source=self.result.source or ONLINE,
+            source=self.result.source or VMState.ONLINE,
         )
         checkpoint("before-manifest")
         staged.commit(manifest)
@@ -324,9 +325,9 @@ class BackupRun:
 async def run_backup(
     config: Config,
     vm: VMConfig,
-    mode: str = "auto",
+    mode: Mode = Mode.AUTO,
     *,
-    progress_mode: str = "none",
+    progress_mode: ProgressMode = ProgressMode.NONE,
     hooks: RunHooks | None = None,
     result: RunResult | None = None,
 ) -> Manifest:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,21 @@ from backupd import names
 from backupd.errors import ConfigError
 from nbdclient.copy.engine import DEFAULT_REQUEST_SIZE
 
-FLEECING_METHODS = ("auto", "snapshot-access", "blockdev-backup")
-#: the formats an image of ``images:`` may have (never guessed: see ImageConfig)
-IMAGE_FORMATS = ("qcow2", "raw")
+
+class Fleecing(StrEnum):
+    """How qemu keeps the point-in-time view (``fleecing:``)."""
+
+    AUTO = "auto"
+    SNAPSHOT_ACCESS = "snapshot-access"
+    BLOCKDEV_BACKUP = "blockdev-backup"
+
+
+class ImageFormat(StrEnum):
+    """The format of a disk image: of ``images:`` (never guessed: see ImageConfig), and
+    of a restore's output."""
+
+    QCOW2 = "qcow2"
+    RAW = "raw"
 
 
 def check_name(kind: str, name: str) -> str:
@@ -62,7 +75,7 @@ class ImageConfig:
 
     disk: str
     path: Path
-    format: str = "qcow2"
+    format: ImageFormat = ImageFormat.QCOW2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +88,8 @@ class VMConfig:
     transfer: Transfer = field(default_factory=Transfer)
     retention: Retention = field(default_factory=Retention)
     timeout: float = 30.0
-    #: how qemu keeps the point-in-time view: "auto", "snapshot-access" or "blockdev-backup"
-    fleecing: str = "auto"
+    #: how qemu keeps the point-in-time view
+    fleecing: Fleecing = Fleecing.AUTO
     #: the longest the guest's file systems may stay frozen (freeze included), seconds
     freeze_timeout: float = 30.0
     #: fail a run whose file systems could not be frozen instead of going crash-consistent
@@ -110,22 +123,73 @@ class Config:
             raise ConfigError(f"unknown VM {name!r} (configured: {known})") from None
 
 
-#: Settings a VM inherits from the top level and may override.
-_SETTING_KEYS = {
-    "max_chain",
-    "compress",
-    "connections",
-    "requests",
-    "request_size",
-    "timeout",
-    "fleecing",
-    "freeze_timeout",
-    "require_quiesce",
-    "keep_last",
-    "keep_daily",
-    "keep_weekly",
-    "keep_monthly",
+def _default(cls: type, name: str) -> Any:
+    """The default a dataclass field declares (defaults are written once: there)."""
+    found = next(f for f in fields(cls) if f.name == name)
+    if found.default is not MISSING:
+        return found.default
+    assert found.default_factory is not MISSING
+    return found.default_factory()
+
+
+def _integer(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, name: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, not {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(value: Any, name: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, not {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive")
+    return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def _request_size(value: Any, name: str) -> int:
+    size = _size(value, name)
+    if not 65536 <= size <= 32 << 20:
+        raise ConfigError(f"{name} must be between 64K and 32M")
+    return size
+
+
+def _fleecing(value: Any, name: str) -> Fleecing:
+    try:
+        return Fleecing(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in Fleecing)
+        raise ConfigError(f"{name} must be one of {choices}, not {value!r}") from None
+
+
+#: Settings a VM inherits from the top level and may override: how each is read, and
+#: its default (from the dataclass that holds it)
+SETTINGS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
+    "max_chain": (_integer(0), _default(VMConfig, "max_chain")),
+    "compress": (_flag, _default(Transfer, "compress")),
+    "connections": (_integer(1), _default(Transfer, "connections")),
+    "requests": (_integer(1), _default(Transfer, "requests")),
+    "request_size": (_request_size, _default(Transfer, "request_size")),
+    "timeout": (_seconds, _default(VMConfig, "timeout")),
+    "fleecing": (_fleecing, _default(VMConfig, "fleecing")),
+    "freeze_timeout": (_seconds, _default(VMConfig, "freeze_timeout")),
+    "require_quiesce": (_flag, _default(VMConfig, "require_quiesce")),
+    "keep_last": (_integer(0), _default(Retention, "keep_last")),
+    "keep_daily": (_integer(0), _default(Retention, "keep_daily")),
+    "keep_weekly": (_integer(0), _default(Retention, "keep_weekly")),
+    "keep_monthly": (_integer(0), _default(Retention, "keep_monthly")),
 }
+_SETTING_KEYS = set(SETTINGS)
 _TOP_KEYS = {"repository", "scratch_dir", "runtime_dir", "metrics_file", "vms"} | _SETTING_KEYS
 _VM_KEYS = {"qmp", "guest_agent", "disks", "images"} | _SETTING_KEYS
 _IMAGE_KEYS = {"path", "format"}
@@ -173,12 +237,6 @@ def _get(
     return value
 
 
-def _positive(value: int | None, name: str, minimum: int = 1) -> int | None:
-    if value is not None and value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, not {value}")
-    return value
-
-
 def _size(value: Any, name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -191,58 +249,27 @@ def _size(value: Any, name: str) -> int:
 
 
 def _settings(data: Mapping[str, Any], where: str, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the settings ``data`` gives, each read and checked."""
     out = dict(base)
-    for key in (
-        "max_chain",
-        "connections",
-        "requests",
-        "keep_last",
-        "keep_daily",
-        "keep_weekly",
-        "keep_monthly",
-    ):
-        if key in data:
-            out[key] = _get(data, key, int, where)
-    for key in ("compress", "require_quiesce"):
-        if key in data:
-            out[key] = _get(data, key, bool, where)
-    if "fleecing" in data:
-        out["fleecing"] = _get(data, "fleecing", str, where)
-    for key in ("timeout", "freeze_timeout"):
-        if key in data:
-            out[key] = float(_get(data, key, (int, float), where))
-    if "request_size" in data:
-        out["request_size"] = _size(data["request_size"], f"{where}request_size")
+    for key, (parse, _) in SETTINGS.items():
+        if data.get(key) is not None:
+            out[key] = parse(data[key], f"{where}{key}")
     return out
-
-
-def _check_settings(s: dict[str, Any], where: str) -> None:
-    _positive(s["max_chain"], f"{where}max_chain", 0)
-    _positive(s["connections"], f"{where}connections")
-    _positive(s["requests"], f"{where}requests")
-    if not 65536 <= s["request_size"] <= 32 << 20:
-        raise ConfigError(f"{where}request_size must be between 64K and 32M")
-    for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
-        _positive(s.get(key), f"{where}{key}", 0)
-    for key in ("timeout", "freeze_timeout"):
-        if s[key] <= 0:
-            raise ConfigError(f"{where}{key} must be positive")
-    if s["fleecing"] not in FLEECING_METHODS:
-        raise ConfigError(
-            f"{where}fleecing must be one of {', '.join(FLEECING_METHODS)}, not {s['fleecing']!r}"
-        )
 
 
 def _image(disk: str, value: Any, where: str, beside_config: Callable[[str], Path]) -> ImageConfig:
     """One entry of ``images:``: ``vda: PATH`` or ``vda: {path: PATH, format: raw}``."""
-    fmt = "qcow2"
+    fmt = ImageFormat.QCOW2
     if isinstance(value, dict):
         _unknown(f"{where}{disk}", value, _IMAGE_KEYS)
-        fmt = _get(value, "format", str, f"{where}{disk}.", "qcow2")
-        if fmt not in IMAGE_FORMATS:
+        raw = _get(value, "format", str, f"{where}{disk}.", "qcow2")
+        try:
+            fmt = ImageFormat(raw)
+        except ValueError:
+            choices = ", ".join(f.value for f in ImageFormat)
             raise ConfigError(
-                f"{where}{disk}.format must be one of {', '.join(IMAGE_FORMATS)}, not {fmt!r}"
-            )
+                f"{where}{disk}.format must be one of {choices}, not {raw!r}"
+            ) from None
         value = value.get("path")
     if not isinstance(value, str) or not value:
         raise ConfigError(
@@ -312,22 +339,7 @@ def parse_config(data: Any, path: Path) -> Config:
     scratch = _get(data, "scratch_dir", str, "")
     runtime = _get(data, "runtime_dir", str, "")
     metrics = _get(data, "metrics_file", str, "")
-    defaults = _settings(
-        data,
-        "",
-        {
-            "max_chain": 14,
-            "compress": False,
-            "connections": 4,
-            "requests": 16,
-            "request_size": DEFAULT_REQUEST_SIZE,
-            "timeout": 30.0,
-            "fleecing": "auto",
-            "freeze_timeout": 30.0,
-            "require_quiesce": False,
-        },
-    )
-    _check_settings(defaults, "")
+    defaults = _settings(data, "", {key: default for key, (_, default) in SETTINGS.items()})
     vms_data = _get(data, "vms", dict, "", {})
 
     def beside_config(value: str) -> Path:
@@ -353,7 +365,6 @@ def parse_config(data: Any, path: Path) -> Config:
             if len(set(disks)) != len(disks):
                 raise ConfigError(f"vms.{name}.disks names a disk twice")
         s = _settings(vm_data, where, defaults)
-        _check_settings(s, where)
         vms[str(name)] = VMConfig(
             name=str(name),
             qmp=qmp,

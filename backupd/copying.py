@@ -10,7 +10,7 @@ from backupd.config import VMConfig
 from backupd.errors import BackupFailed
 from backupd.manifest import DiskRecord
 from backupd.planning import Plan
-from backupd.progress import Progress
+from backupd.progress import Progress, ProgressMode
 from backupd.qemu.fleece import DiskExport
 from backupd.transfer import run_pool, transfer_disk
 
@@ -20,7 +20,7 @@ async def copy_disks(
     folder: Path,
     plan: Plan,
     vm: VMConfig,
-    progress_mode: str,
+    progress_mode: ProgressMode,
 ) -> list[DiskRecord]:
     bars: list[Progress] = []
     pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
@@ -30,7 +30,7 @@ async def copy_disks(
 
         def on_total(total: int) -> None:
             nonlocal bar
-            if progress_mode != "none":
+            if progress_mode is not ProgressMode.NONE:
                 bar = Progress(f"{vm.name}/{export.disk.name}", total, mode=progress_mode)
                 bars.append(bar)
 

@@ -32,8 +32,10 @@ systemd unit can tell "fix the config" from "try again later" from "the backup f
 
 from __future__ import annotations
 
+from enum import IntEnum
 
-class ExitCode:
+
+class ExitCode(IntEnum):
     """Process exit codes of the ``backupd`` command (documented in the README)."""
 
     OK = 0

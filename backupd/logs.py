@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from enum import StrEnum
 from typing import Any
 
 SUMMARY_FIELDS = (
@@ -26,6 +27,15 @@ SUMMARY_FIELDS = (
     "duration",
     "result",
 )
+
+
+class Outcome(StrEnum):
+    """How a run ended (``result=`` of the summary line, ``last_result`` of status)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -129,11 +139,11 @@ def log_summary(
     copied: int,
     consistency: str,
     duration: float,
-    result: str,
+    result: Outcome,
     source: str = "-",
 ) -> None:
     """The one line every run logs."""
-    level = logging.INFO if result == "ok" else logging.ERROR
+    level = logging.INFO if result is Outcome.OK else logging.ERROR
     logger.log(
         level,
         "summary: vm=%s backup=%s kind=%s (%s) disks=%s copied=%s consistency=%s "

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from backupd.digests import ALGORITHMS, LEGACY
@@ -14,10 +15,27 @@ from backupd.errors import RepositoryError
 from backupd.names import is_backup_id, is_name
 
 FORMAT = 1
-KINDS = ("full", "incremental")
-#: where the disks were read: the VM's running qemu, or its images while it was not
-#: running (manifests from before this field are online)
-SOURCES = ("online", "offline")
+
+
+class Kind(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class VMState(StrEnum):
+    """Where the disks were read: the VM's running qemu, or its images while it was not
+    running (manifests from before this field are online)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Consistency(StrEnum):
+    """What the point in time is: file systems frozen by the guest agent, or what a
+    crash at that instant would have left."""
+
+    QUIESCED = "quiesced"
+    CRASH_CONSISTENT = "crash-consistent"
 
 
 class DigestRun(NamedTuple):
@@ -53,7 +71,7 @@ class DiskRecord:
 class Manifest:
     id: str
     vm: str
-    kind: str
+    kind: Kind
     parent: str | None
     created: str
     qemu_version: str
@@ -63,7 +81,7 @@ class Manifest:
     disks: dict[str, DiskRecord] = field(default_factory=dict)
     status: str = "complete"
     format: int = FORMAT
-    source: str = "online"
+    source: VMState = VMState.ONLINE
 
     @property
     def bytes_stored(self) -> int:
@@ -168,19 +186,21 @@ def _manifest(data: object) -> Manifest:
         raise f.bad("id", "a backup id")
     if not is_name(f.text("vm")):
         raise f.bad("vm", "a VM name")
-    kind = f.text("kind")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}")
+    try:
+        kind = Kind(f.text("kind"))
+    except ValueError:
+        raise ValueError(f"unknown kind {f.text('kind')!r}") from None
     parent = f.get("parent")
-    if kind == "full" and parent is not None:
+    if kind is Kind.FULL and parent is not None:
         raise ValueError("a full backup with a parent")
-    if kind == "incremental" and not parent:
+    if kind is Kind.INCREMENTAL and not parent:
         raise ValueError("incremental backup without a parent")
     if parent is not None and (not is_backup_id(parent) or parent >= backup):
         raise f.bad("parent", "the id of an older backup")
-    source = f.text("source", "online")
-    if source not in SOURCES:
-        raise f.bad("source", " or ".join(SOURCES))
+    try:
+        source = VMState(f.text("source", VMState.ONLINE))
+    except ValueError:
+        raise f.bad("source", " or ".join(VMState)) from None
     disks = f.get("disks")
     if not isinstance(disks, dict) or not disks:
         raise f.bad("disks", "an object naming at least one disk")

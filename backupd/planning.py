@@ -11,18 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from backupd.bitmaps import CheckpointNames
 from backupd.errors import BackupFailed
-from backupd.manifest import Manifest
+from backupd.manifest import Kind, Manifest
 from backupd.qemu.inventory import Disk
 
-MODES = ("auto", "full", "incremental")
+
+class Mode(StrEnum):
+    """What the run was asked for (``--full``, ``--incremental``, neither)."""
+
+    AUTO = "auto"
+    FULL = "full"
+    INCREMENTAL = "incremental"
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    kind: str
+    kind: Kind
     reason: str
     parent: Manifest | None
     #: the parent's checkpoint bitmap on every disk (for an incremental)
@@ -80,7 +87,7 @@ def _full_reason(
 
 
 def plan_backup(
-    mode: str,
+    mode: Mode,
     latest: Manifest | None,
     chain_length: int | None,
     disks: Sequence[Disk],
@@ -89,15 +96,14 @@ def plan_backup(
 ) -> Plan:
     """Decide the kind of the next backup (``chain_length``: incrementals since the full,
     None when the newest backup's chain is broken)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}")
-    if mode == "full":
-        return Plan("full", "a full backup was requested", None)
+    mode = Mode(mode)
+    if mode is Mode.FULL:
+        return Plan(Kind.FULL, "a full backup was requested", None)
     name = _parent_bitmap(names, latest, disks) if latest is not None else ""
     reason = _full_reason(latest, chain_length, disks, max_chain, name)
     if reason is None:
         assert latest is not None
-        return Plan("incremental", f"changes since {latest.id}", latest, name)
-    if mode == "incremental":
+        return Plan(Kind.INCREMENTAL, f"changes since {latest.id}", latest, name)
+    if mode is Mode.INCREMENTAL:
         raise BackupFailed(f"an incremental backup is not possible: {reason}")
-    return Plan("full", reason, None)
+    return Plan(Kind.FULL, reason, None)

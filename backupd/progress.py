@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from enum import StrEnum
 from typing import Any
 
 from backupd.logs import human_bytes
@@ -13,19 +14,27 @@ from backupd.logs import human_bytes
 log = logging.getLogger("backupd.progress")
 
 
+class ProgressMode(StrEnum):
+    BAR = "bar"  # a tqdm bar per disk, on a terminal
+    LINES = "lines"  # a log line every few seconds (cron, journald)
+    NONE = "none"  # --quiet
+
+
 class Progress:
     """Byte progress of one disk."""
 
-    def __init__(self, label: str, total: int, *, mode: str, interval: float = 5.0) -> None:
+    def __init__(
+        self, label: str, total: int, *, mode: ProgressMode, interval: float = 5.0
+    ) -> None:
         self.label = label
         self.total = total
         self.done = 0
-        self.mode = mode
+        self.mode = mode = ProgressMode(mode)
         self.interval = interval
         self._start = time.monotonic()
         self._last = self._start
         self._bar: Any = None
-        if mode == "bar":
+        if mode is ProgressMode.BAR:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -43,7 +52,7 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.mode == "lines":
+        elif self.mode is ProgressMode.LINES:
             now = time.monotonic()
             if now - self._last >= self.interval:
                 self._last = now
@@ -70,8 +79,8 @@ class Progress:
             self._bar = None
 
 
-def progress_mode(quiet: bool) -> str:
-    """``bar`` on a terminal, ``lines`` otherwise, ``none`` when quiet."""
+def progress_mode(quiet: bool) -> ProgressMode:
+    """A bar on a terminal, lines otherwise, none when quiet."""
     if quiet:
-        return "none"
-    return "bar" if sys.stderr.isatty() else "lines"
+        return ProgressMode.NONE
+    return ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.LINES

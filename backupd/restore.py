@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backupd.config import ImageFormat
 from backupd.errors import BackupdError, UsageError
 from backupd.qcow2.layout import CLUSTER_SIZE
 from backupd.qcow2.sink import Qcow2Sink
@@ -30,8 +31,6 @@ from nbdclient.copy import (
     copy,
     copy_to_nbd,
 )
-
-FORMATS = ("raw", "qcow2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +55,13 @@ async def restore_to_file(
     uri: str,
     output: Path,
     *,
-    fmt: str = "raw",
+    fmt: ImageFormat = ImageFormat.RAW,
     force: bool = False,
     requests: int = 16,
     connections: int = 4,
     request_size: int = DEFAULT_REQUEST_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> RestoreStats:
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown output format {fmt!r} (raw or qcow2)")
     try:
         async with await Source.open(uri) as source:
             size = source.size
@@ -72,7 +69,7 @@ async def restore_to_file(
             data = Plan.from_extents(extents).read_bytes
             out = OutputFile(output, overwrite=force)
             sink: Sink
-            if fmt == "raw":
+            if fmt is ImageFormat.RAW:
                 plan = Plan.from_extents(extents)
                 sink = RawFileSink(out, size)
             else:  # whole clusters, so every stored cluster is complete

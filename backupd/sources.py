@@ -25,6 +25,7 @@ from backupd.config import VMConfig
 from backupd.errors import BackupFailed, ImageLockedError, QemuConnectError, QemuTooOldError
 from backupd.faults import checkpoint
 from backupd.lock import host_lock_path
+from backupd.manifest import VMState
 from backupd.private import private_dir
 from backupd.qemu.fleece import (
     FleeceSession,
@@ -45,9 +46,6 @@ from backupd.shield import run_to_completion
 
 log = logging.getLogger("backupd")
 
-ONLINE = "online"
-OFFLINE = "offline"
-SOURCES = (ONLINE, OFFLINE)
 #: qemu-storage-daemon got block-export-add in 5.2
 DAEMON_VERSION = (5, 2, 0)
 
@@ -55,7 +53,7 @@ DAEMON_VERSION = (5, 2, 0)
 class Source(ABC):
     """What a run backs up: a QMP monitor, the disks, and their views at a point in time."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[VMState]
 
     def __init__(self, vm: VMConfig, monitor: QemuMonitor) -> None:
         self.vm = vm
@@ -93,7 +91,7 @@ class Source(ABC):
 class OnlineSource(Source):
     """The VM's running qemu, over its QMP socket."""
 
-    kind = ONLINE
+    kind = VMState.ONLINE
 
     @classmethod
     async def open(cls, vm: VMConfig, monitor: QemuMonitor) -> OnlineSource:
@@ -148,7 +146,7 @@ class OfflineSource(Source):
     """The VM's images, opened in a qemu-storage-daemon of backupd's own, which holds
     them locked (see :mod:`backupd.qemu.fleece.offline` for the point in time)."""
 
-    kind = OFFLINE
+    kind = VMState.OFFLINE
 
     def __init__(self, vm: VMConfig, daemon: StorageDaemon) -> None:
         super().__init__(vm, daemon.monitor)
@@ -247,7 +245,7 @@ def daemon_folder(runtime: Path, vm: VMConfig) -> Path:
 
 
 async def open_source(
-    vm: VMConfig, runtime: Path, chosen: Callable[[str], None] | None = None
+    vm: VMConfig, runtime: Path, chosen: Callable[[VMState], None] | None = None
 ) -> Source:
     """The VM's qemu when its QMP socket answers; its images when nothing listens there
     and it has ``images:``; else the connection error.  ``chosen`` is told which, before
@@ -265,7 +263,7 @@ async def open_source(
             ) from None
         if not exc.unreachable:
             raise
-        tell(OFFLINE)
+        tell(VMState.OFFLINE)
         return await OfflineSource.open(vm, runtime, exc)
-    tell(ONLINE)
+    tell(VMState.ONLINE)
     return await OnlineSource.open(vm, monitor)

@@ -16,6 +16,7 @@ from typing import Any
 
 from backupd.config import Config
 from backupd.errors import RepositoryError
+from backupd.logs import Outcome
 from backupd.names import is_name
 from backupd.repository import Repository, VMRepository
 
@@ -47,7 +48,7 @@ def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     vm: str
-    result: str  # ok | failed
+    result: Outcome  # ok or failed (an interrupted run did not succeed)
     started: float
     duration: float
     backup: str | None
@@ -81,7 +82,7 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
         "source": record.source,
     }
     data["last_run"] = entry
-    if record.result == "ok":
+    if record.result is Outcome.OK:
         data["last_success"] = entry
     _atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 

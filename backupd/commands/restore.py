@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from backupd.commands import CommandContext
+from backupd.config import ImageFormat
 from backupd.errors import UsageError
 from backupd.logs import human_bytes
-from backupd.progress import Progress, progress_mode
+from backupd.progress import Progress, ProgressMode, progress_mode
 from backupd.repository import Repository
 from backupd.restore import check_output, restore_to_file, restore_to_nbd
 from backupd.serving import ServedImage
@@ -39,7 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--output", type=Path, help="file to write")
     where.add_argument("--to", metavar="NBD_URI", help="NBD export to write into")
-    parser.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    parser.add_argument(
+        "--format",
+        type=ImageFormat,
+        choices=list(ImageFormat),
+        default=ImageFormat.RAW,
+        help="the output's format (default: raw)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
 
 
@@ -65,7 +72,9 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
         async with ServedImage(repo, manifest, [args.disk]) as (disk,):
             mode = progress_mode(context.quiet)
             bar = (
-                Progress(f"{repo.vm}/{disk.name}", disk.size, mode=mode) if mode != "none" else None
+                Progress(f"{repo.vm}/{disk.name}", disk.size, mode=mode)
+                if mode is not ProgressMode.NONE
+                else None
             )
             update = bar.update if bar is not None else None
             try:

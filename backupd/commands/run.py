@@ -14,7 +14,8 @@ from backupd.backup import RunResult, run_backup
 from backupd.commands import CommandContext
 from backupd.config import Config, VMConfig
 from backupd.errors import BackupdError, ExitCode, UsageError, one_line, os_error_text
-from backupd.logs import log_summary
+from backupd.logs import Outcome, log_summary
+from backupd.planning import Mode
 from backupd.progress import progress_mode
 from backupd.repository import Repository
 from backupd.status import RunRecord, record_run, write_metrics
@@ -98,7 +99,7 @@ class Interrupt:
 
 
 async def _attempt(
-    context: CommandContext, vm: VMConfig, mode: str, interrupt: Interrupt, result: RunResult
+    context: CommandContext, vm: VMConfig, mode: Mode, interrupt: Interrupt, result: RunResult
 ) -> tuple[int, str]:
     """Run the backup; (exit code, error line) of how it ended, logged."""
     try:
@@ -134,7 +135,7 @@ def _record(config: Config, result: RunResult, started: float, error: str) -> No
             Repository(config.repository).vm(result.vm),
             RunRecord(
                 vm=result.vm,
-                result="ok" if manifest is not None else "failed",
+                result=Outcome.OK if manifest is not None else Outcome.FAILED,
                 started=started,
                 duration=round(time.time() - started, 3),
                 backup=manifest.id if manifest else None,
@@ -152,7 +153,7 @@ def _record(config: Config, result: RunResult, started: float, error: str) -> No
         log.warning("%s: could not record the run's status: %s", result.vm, os_error_text(exc))
 
 
-async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: Interrupt) -> int:
+async def _run_one(context: CommandContext, vm_name: str, mode: Mode, interrupt: Interrupt) -> int:
     config = context.config()
     vm = config.vm(vm_name)
     result = RunResult(vm.name)
@@ -169,7 +170,11 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
         copied=manifest.bytes_copied if manifest else 0,
         consistency=result.consistency if manifest else "-",
         duration=time.time() - started,
-        result="ok" if code == ExitCode.OK else "interrupted" if interrupt.signal else "failed",
+        result=Outcome.OK
+        if code == ExitCode.OK
+        else Outcome.INTERRUPTED
+        if interrupt.signal
+        else Outcome.FAILED,
         source=result.source or "-",
     )
     if code != ExitCode.BUSY:  # a refused run did not happen; keep the holder's record
@@ -178,7 +183,7 @@ async def _run_one(context: CommandContext, vm_name: str, mode: str, interrupt: 
 
 
 async def _main(args: argparse.Namespace, context: CommandContext) -> int:
-    mode = "full" if args.full else "incremental" if args.incremental else "auto"
+    mode = Mode.FULL if args.full else Mode.INCREMENTAL if args.incremental else Mode.AUTO
     interrupt = Interrupt()
     interrupt.install()
     names = sorted(context.config().vms) if args.all else [args.vm]

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from backupd.chain import check_image, checked_chain, image_name
 from backupd.errors import RepositoryError
 from backupd.faults import checkpoint
-from backupd.manifest import DiskRecord, Manifest
+from backupd.manifest import DiskRecord, Kind, Manifest
 from backupd.merge import records
 from backupd.merge.plan import Direction, Fold
 from backupd.qcow2 import layout
@@ -175,7 +175,7 @@ async def fold_down(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fo
         finally:
             os.close(fd)
     manifest = dataclasses.replace(
-        target, kind="full", parent=None, disks=disks, reason=_stamp(target.reason, fold)
+        target, kind=Kind.FULL, parent=None, disks=disks, reason=_stamp(target.reason, fold)
     )
     _write_new_manifest(repo, manifest)
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()

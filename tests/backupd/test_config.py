@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.config import load_config
+from backupd.config import Fleecing, load_config
 from backupd.errors import ConfigError, QemuTooOldError
 from backupd.qemu.fleece import choose_method
 from backupd.qemu.inventory import Disk
@@ -57,14 +57,14 @@ def _disk(name: str, device: str | None) -> Disk:
 
 def test_fleecing_method_follows_qemu_and_devices() -> None:
     vda, bare = _disk("vda", "/machine/peripheral/vda/virtio-backend"), _disk("n", None)
-    assert choose_method("auto", (7, 2, 0), [vda]) == "snapshot-access"
-    assert choose_method("auto", (7, 0, 0), [vda]) == "blockdev-backup"
-    assert choose_method("auto", (8, 2, 1), [vda, bare]) == "blockdev-backup"
-    assert choose_method("blockdev-backup", (9, 0, 0), [vda]) == "blockdev-backup"
+    assert choose_method(Fleecing.AUTO, (7, 2, 0), [vda]) == "snapshot-access"
+    assert choose_method(Fleecing.AUTO, (7, 0, 0), [vda]) == "blockdev-backup"
+    assert choose_method(Fleecing.AUTO, (8, 2, 1), [vda, bare]) == "blockdev-backup"
+    assert choose_method(Fleecing.BLOCKDEV_BACKUP, (9, 0, 0), [vda]) == "blockdev-backup"
     with pytest.raises(QemuTooOldError, match=r"snapshot-access needs qemu >= 7\.1"):
-        choose_method("snapshot-access", (6, 2, 0), [vda])
+        choose_method(Fleecing.SNAPSHOT_ACCESS, (6, 2, 0), [vda])
     with pytest.raises(ConfigError, match="n has none"):
-        choose_method("snapshot-access", (7, 2, 0), [vda, bare])
+        choose_method(Fleecing.SNAPSHOT_ACCESS, (7, 2, 0), [vda, bare])
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def test_summary_line_in_text_json_and_journal() -> None:
             copied=3 << 20,
             consistency="quiesced",
             duration=1.5,
-            result="ok",
+            result=logs.Outcome.OK,
             source="offline",
         )
         assert check(stream.getvalue()), stream.getvalue()

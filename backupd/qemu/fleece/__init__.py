@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from backupd.config import Fleecing
 from backupd.qemu.fleece.blockdev_backup import BlockdevBackupSession
 from backupd.qemu.fleece.method import BLOCKDEV_BACKUP, SNAPSHOT_ACCESS, choose_method
 from backupd.qemu.fleece.offline import IMAGES, OfflineSession
@@ -72,7 +73,7 @@ def fleece_session(
     parent_bitmap: str | None,
     scratch_dir: Path,
     socket_dir: Path,
-    method: str = "auto",
+    method: Fleecing = Fleecing.AUTO,
     quiesce: Quiesce | None = None,
 ) -> FleeceSession:
     """The session of the configured method, or of the best this qemu offers."""

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from backupd.config import Fleecing
 from backupd.errors import ConfigError, QemuTooOldError
 from backupd.qemu.inventory import Disk
 
-SNAPSHOT_ACCESS = "snapshot-access"
-BLOCKDEV_BACKUP = "blockdev-backup"
+SNAPSHOT_ACCESS = Fleecing.SNAPSHOT_ACCESS
+BLOCKDEV_BACKUP = Fleecing.BLOCKDEV_BACKUP
 SNAPSHOT_ACCESS_VERSION = (7, 1, 0)  # on-cbw-error=break-snapshot
 
 
-def choose_method(wanted: str, version: tuple[int, int, int], disks: Sequence[Disk]) -> str:
+def choose_method(
+    wanted: Fleecing, version: tuple[int, int, int], disks: Sequence[Disk]
+) -> Fleecing:
     """The fleecing method for these disks: the configured one, or the best qemu offers."""
+    wanted = Fleecing(wanted)  # (a plain string from a caller is welcome)
     no_device = [d.name for d in disks if not d.device]
-    if wanted == "auto":
+    if wanted is Fleecing.AUTO:
         if version >= SNAPSHOT_ACCESS_VERSION and not no_device:
             return SNAPSHOT_ACCESS
         return BLOCKDEV_BACKUP
