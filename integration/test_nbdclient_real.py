@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import nbdclient
-from nbdclient.extents import map_export
+from nbdclient.extents import MappedExtent, map_dirty_first, map_export
+from nbdclient.multiconn import close_all, connect_each
+from nbdclient.values import Extent
 
 from .harness.chain import make_qcow2, qemu_img_check, qemu_img_compare, qemu_io
 from .harness.servers import make_certificates, nbd_server, nbdkit, qemu_nbd
@@ -266,3 +268,40 @@ async def test_nbdkit_delay_filter_pipelines(sockdir: Path) -> None:
         c.request_timeout = None
         assert await asyncio.wait_for(c.pread(512, 0), 5) == bytes(512)
         await c.disconnect()
+
+
+async def test_dirty_first_map_equals_the_whole_map(tmp_path: Path, sockdir: Path) -> None:
+    """What changed, mapped without the disk's allocation, is exactly what the whole
+    map (allocation and bitmap together) says of every dirty byte; and the allocation
+    connection is asked only about the dirty ranges."""
+    image = make_qcow2(
+        tmp_path / "d.qcow2", "64M", *(f"write -P 7 {n}M 64k" for n in range(0, 64, 2))
+    )
+    subprocess.run(["qemu-img", "bitmap", "--add", "--enable", str(image), "b0"], check=True)
+    qemu_io(image, "write -P 9 5M 64k", "write -z 9M 128k", "write -P 3 20M 1M", "discard 40M 64k")
+    context = "qemu:dirty-bitmap:b0"
+    with qemu_nbd(image, sockdir / "d.sock", extra=["-B", "b0"]) as uri:
+        async with await nbdclient.connect(uri, meta_contexts=["base:allocation", context]) as both:
+            whole = await map_export(both, dirty_context=context)
+        dirty_client, allocation_client = await connect_each(uri, [[context], ["base:allocation"]])
+        asked: list[tuple[int, int]] = []
+        original = allocation_client.block_status
+
+        async def spying(length: int, offset: int, **kw: bool) -> dict[str, list[Extent]]:
+            asked.append((offset, offset + length))
+            return await original(length, offset, **kw)
+
+        allocation_client.block_status = spying  # type: ignore[method-assign]
+        try:
+            first = await map_dirty_first(dirty_client, context, allocation_client)
+        finally:
+            await close_all([dirty_client, allocation_client])
+
+    def dirty_bytes(extents: list[MappedExtent]) -> list[tuple[int, int, bool, bool]]:
+        return [(e.offset, e.end, e.zero, e.hole) for e in extents if e.dirty]
+
+    assert dirty_bytes(first) == dirty_bytes(whole)
+    assert dirty_bytes(first)[0][0] == 5 << 20  # the first change
+    dirty = [(e.offset, e.end) for e in first if e.dirty]
+    assert all(any(s <= a and b <= e for s, e in dirty) for a, b in asked), asked
+    assert sum(e.length for e in first) == 64 << 20  # the whole export, once

@@ -1,8 +1,10 @@
-"""Extent helpers: walk an export's block status in bounded requests, and merge
-``base:allocation`` with a ``qemu:dirty-bitmap:NAME`` context into one extent list."""
+"""Extent helpers: walk an export's block status in bounded requests, merge
+``base:allocation`` with a ``qemu:dirty-bitmap:NAME`` context into one extent list, and
+map what changed without mapping the whole disk's allocation (:func:`map_dirty_first`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -135,4 +137,66 @@ async def map_export(
                 merged = merged[1:]
         result.extend(merged)
         position = result[-1].end
+    return result
+
+
+#: block status requests in flight at once while mapping the dirty ranges
+MAP_REQUESTS = 16
+
+
+def _dirty_ranges(extents: Sequence[Extent]) -> list[tuple[int, int]]:
+    """The dirty extents as merged ``[start, end)`` ranges."""
+    ranges: list[tuple[int, int]] = []
+    for extent in extents:
+        if not extent.flags & STATE_DIRTY:
+            continue
+        end = extent.offset + extent.length
+        if ranges and ranges[-1][1] == extent.offset:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((extent.offset, end))
+    return ranges
+
+
+async def map_dirty_first(
+    dirty_client: Client,
+    dirty_context: str,
+    allocation_client: Client,
+    *,
+    window: int = 1 << 40,
+) -> list[MappedExtent]:
+    """What changed, mapped in time that follows the changes, not the disk.
+
+    The dirty bitmap alone is walked over the whole export on ``dirty_client`` (which
+    negotiated only that context: a connection with ``base:allocation`` too would have
+    the server compute and send the allocation of every clean region as well); then
+    ``base:allocation`` is asked on ``allocation_client`` only inside the dirty ranges,
+    several requests at once.  A clean range between them is one extent
+    (``dirty=False``; whether it is allocated is not asked).
+    """
+    _require(dirty_client, dirty_context)
+    _require(allocation_client, BASE_ALLOCATION)
+    dirty = [e async for e in iter_block_status(dirty_client, dirty_context, window=window)]
+    ranges = _dirty_ranges(dirty)
+    gate = asyncio.Semaphore(MAP_REQUESTS)
+
+    async def allocation(start: int, end: int) -> list[Extent]:
+        async with gate:
+            return [
+                e
+                async for e in iter_block_status(
+                    allocation_client, offset=start, length=end - start, window=window
+                )
+            ]
+
+    found = await asyncio.gather(*(allocation(s, e) for s, e in ranges))
+    result: list[MappedExtent] = []
+    position = 0
+    for (start, end), extents in zip(ranges, found, strict=True):
+        if start > position:
+            result.append(MappedExtent(position, start - position, False, False, False))
+        result += merge_extents(extents, [Extent(start, end - start, STATE_DIRTY)])
+        position = end
+    if position < dirty_client.size:
+        result.append(MappedExtent(position, dirty_client.size - position, False, False, False))
     return result

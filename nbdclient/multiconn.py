@@ -45,16 +45,32 @@ async def connect_many(
     On a failure the first real error is raised (not an exception group), after every
     connection that opened has been closed; a cancellation closes them the same way.
     """
+    return await connect_each(
+        target, [meta_contexts] * count, timeout=timeout, request_timeout=request_timeout
+    )
+
+
+async def connect_each(
+    target: str | NBDURI,
+    contexts: Sequence[Sequence[str]],
+    *,
+    timeout: float = 10.0,
+    request_timeout: float | None = None,
+) -> list[Client]:
+    """One connection per entry of ``contexts``, negotiating those meta contexts (e.g.
+    one for a dirty bitmap alone, one for ``base:allocation`` alone: a block status
+    request answers every context its connection negotiated); all or none, as
+    :func:`connect_many`."""
     tasks: list[asyncio.Task[Client]] = []
     failed: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(count):
+            for wanted in contexts:
                 tasks.append(
                     group.create_task(
                         connect(
                             target,
-                            meta_contexts=meta_contexts,
+                            meta_contexts=wanted,
                             timeout=timeout,
                             request_timeout=request_timeout,
                         )

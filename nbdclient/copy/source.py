@@ -1,9 +1,12 @@
 """The source of a copy: one NBD export, its map, and reads over one or more connections.
 
-A :class:`Source` starts with one connection, which negotiates ``base:allocation`` (and
-a dirty-bitmap context when asked) and maps the export.  :meth:`Source.spread` adds
-connections for the reads when the server allows multi-conn (every connection then sees
-the same data); the copy engine spreads its readers over them.  Use it as an async
+A :class:`Source` starts with one connection, which negotiates ``base:allocation`` and
+maps the export; when asked for what changed (a dirty-bitmap context) it starts with
+two, one for the bitmap alone and one for ``base:allocation`` alone, so that the map
+costs what changed, not the disk's allocation (:func:`~nbdclient.extents.map_dirty_first`).
+:meth:`Source.spread` adds connections for the reads when the server allows multi-conn
+(every connection then sees the same data); the copy engine spreads its readers over
+them.  Use it as an async
 context manager: every connection is closed on the way out.
 """
 
@@ -13,8 +16,8 @@ from types import TracebackType
 
 from ..client import Client
 from ..constants import BASE_ALLOCATION
-from ..extents import MappedExtent, map_export
-from ..multiconn import close_all, connect_many
+from ..extents import MappedExtent, map_dirty_first, map_export
+from ..multiconn import close_all, connect_each, connect_many
 from ..uri import NBDURI
 
 
@@ -43,18 +46,21 @@ class Source:
         timeout: float = 10.0,
         request_timeout: float | None = None,
     ) -> Source:
-        """Connect once, negotiating ``base:allocation`` and ``dirty_context``."""
-        contexts = [BASE_ALLOCATION] + ([dirty_context] if dirty_context else [])
-        (first,) = await connect_many(
-            target, 1, meta_contexts=contexts, timeout=timeout, request_timeout=request_timeout
+        """Connect: ``base:allocation`` on one connection, and ``dirty_context`` (when
+        given) on a connection of its own."""
+        contexts = [[BASE_ALLOCATION]] + ([[dirty_context]] if dirty_context else [])
+        clients = await connect_each(
+            target, contexts, timeout=timeout, request_timeout=request_timeout
         )
-        return cls(
+        source = cls(
             target,
-            first,
+            clients[0],
             dirty_context=dirty_context,
             timeout=timeout,
             request_timeout=request_timeout,
         )
+        source.clients = clients
+        return source
 
     @property
     def size(self) -> int:
@@ -73,7 +79,11 @@ class Source:
         """
         client = self.clients[0]
         if self.dirty_context is not None:
-            return await map_export(client, dirty_context=self.dirty_context)
+            extents = await map_dirty_first(self.clients[1], self.dirty_context, client)
+            if not client.can_multi_conn():  # reads stay on one connection
+                await close_all(self.clients[1:])
+                self.clients = self.clients[:1]
+            return extents
         if client.can_block_status(BASE_ALLOCATION):
             return await map_export(client)
         return [MappedExtent(0, client.size, zero=False, hole=False, dirty=True)]
