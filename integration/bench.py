@@ -16,19 +16,22 @@ something).  Cases:
 5. four 1 GiB disks in one VM: one run vs the four disks one after another
 6. ``nbdclient copy`` vs ``nbdcopy`` of the same export (to null:)
 7. ``backupd restore`` (raw) vs ``qemu-img convert`` of the same served chain
-8. peak RSS of backupd in cases 1 and 4
+8. an incremental of 1 MiB on a 64 GiB disk with 65,536 extents vs a 1 GiB disk with
+   1,024 (:mod:`integration.bench_peers`)
+9. ``prune`` merging a 40 MiB incremental into a 2 GiB full (:mod:`integration.bench_merge`)
+10. with ``--qmpbackup DIR``: full and incremental backups beside qmpbackup on one VM
+    (:mod:`integration.bench_peers`)
+
+and the peak RSS of backupd in cases 1, 4 and 5.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,68 +45,20 @@ from backupd.config import load_config
 from backupd.qemu.fleece import fleece_session
 from backupd.qemu.inventory import select_disks
 from backupd.qemu.qmp import QemuMonitor
+from integration import bench_merge, bench_peers
+from integration.bench_common import (
+    ROWS,
+    GiB,
+    MiB,
+    backupd_cmd,
+    copy_seconds,
+    make_disk,
+    med,
+    row,
+    timed,
+)
 from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
-
-MiB = 1 << 20
-GiB = 1 << 30
-ROWS: list[tuple[str, str]] = []
-
-
-def row(name: str, value: str) -> None:
-    ROWS.append((name, value))
-    print(f"  {name:<62} {value}", flush=True)
-
-
-def make_disk(path: Path, size: int, runs: list[tuple[int, int]], seed: int) -> int:
-    """A qcow2 of ``size`` holding random data in ``runs`` (offset, length)."""
-    raw = path.with_suffix(".raw")
-    rng = random.Random(seed)
-    block = rng.randbytes(8 * MiB)
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for offset, length in runs:
-            f.seek(offset)
-            done = 0
-            while done < length:
-                n = min(length - done, len(block))
-                start = rng.randrange(0, len(block) - n + 1)
-                f.write(block[start : start + n])
-                done += n
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True
-    )
-    raw.unlink()
-    return sum(n for _, n in runs)
-
-
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of a command."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        ["/usr/bin/time", "-f", "RSS=%M", *cmd], capture_output=True, text=True, env=env
-    )
-    took = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    match = re.findall(r"RSS=(\d+)", proc.stderr)
-    return took, int(match[-1]) if match else 0
-
-
-def backupd_cmd(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "backupd", "-q", "-c", str(config), *args]
-
-
-def copy_seconds(repo: Path) -> float:
-    """The copy phase of the newest backup in ``repo`` (its slowest disk), from the
-    manifest: connecting to the export until the backup file is synced."""
-    newest = max(repo.glob("*/*/manifest.json"), key=lambda p: p.parent.name)
-    disks = json.loads(newest.read_text())["disks"].values()
-    return max(float(d["copy_seconds"]) for d in disks)
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 class Bench:
@@ -419,8 +374,13 @@ async def main() -> None:
     )
     parser.add_argument(
         "--cases",
-        default="1,2,3,4,5,6,7",
+        default="1,2,3,4,5,6,7,8,9,10",
         help="comma-separated case numbers to run (default: all)",
+    )
+    parser.add_argument(
+        "--qmpbackup",
+        type=Path,
+        help="a qmpbackup source checkout with its own venv/ (case 10; skipped without)",
     )
     parser.add_argument("--request-size", help="backupd's request_size setting (e.g. 512K)")
     args = parser.parse_args()
@@ -473,6 +433,17 @@ async def main() -> None:
         if 5 in cases:
             print("case 5: parallel disks", flush=True)
             await bench.parallel_case()
+        if 8 in cases:
+            print("case 8: an incremental at scale", flush=True)
+            await bench_peers.scale_case(bench)
+        if 9 in cases:
+            print("case 9: a merge", flush=True)
+            (work / "merge").mkdir()
+            await bench_merge.bench(bench.rounds, work / "merge")
+        if 10 in cases and args.qmpbackup is not None:
+            print("case 10: beside qmpbackup", flush=True)
+            bench_peers.check_qmpbackup(args.qmpbackup)
+            await bench_peers.qmpbackup_case(bench, half, half_data, args.qmpbackup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(bench.sockets, ignore_errors=True)
