@@ -320,3 +320,37 @@ async def test_refusals_are_one_line_and_leave_nothing(
     newest.write_bytes(bytes(data))
     refused(*start_args(), *where, code=1, words="refusing to open it")
     assert not target.output.exists()
+
+
+async def test_an_output_a_qemu_opened_elsewhere_is_kept_when_the_wait_ends(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path, target: Target
+) -> None:
+    """A VM started on the output with another QMP socket than the one given: when the
+    wait ends, backupd fails, but removes nothing that VM reads (qemu's image locks on
+    the output tell), and a resume with the right socket completes the copy."""
+    config = config_for(vm)
+    expected = await back_up(vm, config)
+    await vm.quit()
+    run = await target.live(config, *start_args("--wait", "3"))
+    elsewhere = QemuVM(target.folder, {"vda": SIZE}, sockdir=sockdir)
+    await elsewhere.start()
+    try:
+        code, log = await run.finish()
+        assert code == 1, log
+        assert "target VM unreachable" in log and "--resume" in log, log
+        assert backing_of(target.output) is not None and daemon_pid(target.output) is not None
+        await elsewhere.qemu_io("vda", "read -P 0x44 28M 4M")  # served still
+        resumed = await live_restore(
+            config,
+            "--resume",
+            "--output",
+            str(target.output),
+            "--target-qmp",
+            str(elsewhere.qmp_path),
+            starting=False,
+        )
+        code, log = await resumed.finish()
+        assert code == 0, log
+    finally:
+        await elsewhere.quit()
+    assert_restored(target.output, expected, tmp_path)
