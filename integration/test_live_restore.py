@@ -184,6 +184,10 @@ async def test_sigterm_and_sigkill_leave_the_copy_running_and_resume_finishes_it
 
     resumed = await target.live(config, "--resume", starting=False)
     await resumed.until("copying every cluster")
+    where = ("--output", str(target.output), "--target-qmp", str(target.qmp_path))
+    twice = backupd(config, "restore", "--live", "--resume", *where)
+    assert twice.returncode == 3, twice.stderr  # one backupd drives a live restore
+    assert f"a backupd (pid {resumed.proc.pid}) drives the live restore" in twice.stderr
     await resumed.kill()  # SIGKILL
     await machine.qemu_io("vda", "read -P 0x44 28M 4M")  # still served
     await machine.write("vda", 29 * MiB, MiB, 0x77)
@@ -278,6 +282,7 @@ async def test_sigint_while_waiting_for_the_vm_leaves_nothing(
     assert not any(p.name.startswith("live-") for p in (target.sockets.parent).iterdir())
 
 
+@pytest.mark.slow
 async def test_refusals_are_one_line_and_leave_nothing(
     vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, target: Target
 ) -> None:
@@ -322,6 +327,7 @@ async def test_refusals_are_one_line_and_leave_nothing(
     assert not target.output.exists()
 
 
+@pytest.mark.slow
 async def test_an_output_a_qemu_opened_elsewhere_is_kept_when_the_wait_ends(
     vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path, target: Target
 ) -> None:

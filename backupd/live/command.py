@@ -76,11 +76,16 @@ async def _start(args: argparse.Namespace, context: CommandContext, opts: LiveOp
     )
     live = LiveRestore(state, opts)
     try:
+        live.take_control()
         live_state.save(state)
     except BaseException:
+        live.release()
         live_state.remove(opts.output, None)
         raise
-    await live.start(repo, manifest)
+    try:
+        await live.start(repo, manifest)
+    finally:
+        live.release()
 
 
 async def _resume(context: CommandContext, opts: LiveOptions) -> None:
@@ -97,6 +102,15 @@ async def _resume(context: CommandContext, opts: LiveOptions) -> None:
             f"{live_state.state_folder(output)} is gone"
         )
     live = LiveRestore(state, opts)
+    live.take_control()
+    try:
+        await _resume_with(context, live)
+    finally:
+        live.release()
+
+
+async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
+    state, output = live.state, live.output
     repo: VMRepository | None = None
     manifest: Manifest | None = None
     if live.served.pid() is None and backing_file(output) is not None:

@@ -80,6 +80,17 @@ class LiveRestore:
         self.phase = Phase.COPYING
         #: the overlay as it was made by this start (None for a resume: never undone)
         self.fresh: tuple[int, int, int] | None = None
+        self._control: int | None = None
+
+    def take_control(self) -> None:
+        """Be the one backupd that drives this live restore (BusyError naming the one
+        that does, when another runs: a start, or a resume given twice)."""
+        self._control = live_state.take_control(self.output)
+
+    def release(self) -> None:
+        if self._control is not None:
+            os.close(self._control)
+            self._control = None
 
     @property
     def holder(self) -> str:
@@ -109,10 +120,10 @@ class LiveRestore:
     async def resume(self, repo: VMRepository | None, manifest: Manifest | None) -> None:
         """Serve again if the daemon is gone (``repo`` and ``manifest`` given), then wait
         for the VM and copy (steps 3-5)."""
-        if repo is not None and manifest is not None:
-            pid = await self.served.start(repo, manifest, self.state.disk, self.holder)
-            log.info("serving backup %s again (qemu-storage-daemon pid %d)", manifest.id, pid)
         try:
+            if repo is not None and manifest is not None:
+                pid = await self.served.start(repo, manifest, self.state.disk, self.holder)
+                log.info("serving backup %s again (qemu-storage-daemon pid %d)", manifest.id, pid)
             if backing_file(self.output) is None:  # complete while backupd was away
                 await self._finish()
                 return
@@ -252,12 +263,11 @@ class LiveRestore:
                 if pid is not None
                 else "the backup is NOT served any more (--resume serves it again)"
             )
-            copying = (
-                "the copy goes on in the VM's qemu; "
-                if isinstance(exc, asyncio.CancelledError)
-                else ""
-            )
-            log.warning("%s%s; finish with: %s", copying, served, self.resume_line())
+            if self.phase is Phase.WAITING:
+                served = f"a process has {self.output} open: {served}"
+            elif isinstance(exc, asyncio.CancelledError):
+                served = f"the copy goes on in the VM's qemu; {served}"
+            log.warning("%s; finish with: %s", served, self.resume_line())
 
 
 def clear_leftover(output: Path) -> None:
@@ -279,13 +289,17 @@ async def remove_leftover(output: Path) -> None:
     if not os.path.lexists(folder):
         return
     live_state.check_folder(folder)
+    control = live_state.take_control(output)
     try:
-        old = live_state.load(output)
-    except StateError:
-        old = None
-    socket = Path(old.socket) if old is not None else None
-    await ServedPoint(folder, socket or folder / "nbd.sock").stop()
-    live_state.remove(output, socket)
+        try:
+            old = live_state.load(output)
+        except StateError:
+            old = None
+        socket = Path(old.socket) if old is not None else None
+        await ServedPoint(folder, socket or folder / "nbd.sock").stop()
+        live_state.remove(output, socket)
+    finally:
+        os.close(control)
     log.warning("removed what an interrupted live restore into %s had left", output)
 
 

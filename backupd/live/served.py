@@ -125,8 +125,9 @@ class ServedPoint:
                     0o600,
                 )
                 try:
-                    self._child = await asyncio.to_thread(
-                        subprocess.Popen,
+                    # not in a thread: a cancel must not come between the fork and
+                    # self._child, or a daemon would run that nothing knows of
+                    self._child = subprocess.Popen(  # noqa: ASYNC220
                         self._args(node, disk),
                         stdin=subprocess.DEVNULL,
                         stdout=log,

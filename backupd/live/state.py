@@ -8,6 +8,7 @@ survives a reboot with it, and it holds
 state.json     which point of which VM and disk is served, where, the copy job's id
 qsd.pid        qemu-storage-daemon's pid file (locked by the daemon while it lives)
 qsd.log        the daemon's own messages
+control.lock   held by the backupd that drives the copy (one at a time)
 overlay.qcow2  the output while it is being made (linked to its name when complete)
 ```
 
@@ -20,6 +21,7 @@ it is named by a digest of the output's path, so a resume after a reboot (which 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from backupd.errors import BackupdError, UsageError
+from backupd.errors import BackupdError, BusyError, UsageError
 from backupd.names import is_backup_id, is_name
 from backupd.private import read_private, write_private
 
@@ -40,6 +42,7 @@ STATE = "state.json"
 PIDFILE = "qsd.pid"
 LOG = "qsd.log"
 OVERLAY = "overlay.qcow2"
+CONTROL = "control.lock"
 
 #: what a path may hold to go into an NBD URI and qemu's option syntax unquoted
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]*")
@@ -165,6 +168,22 @@ def check_folder(folder: Path) -> None:
             f"{folder} is not a private folder of backupd's user (a symlink, a file, "
             "another owner, or writable by others): refusing to use it"
         )
+
+
+def take_control(output: Path) -> int:
+    """The descriptor holding the control lock of the live restore into ``output``: one
+    backupd drives it at a time (BusyError naming the pid of the one that does)."""
+    path = state_folder(output) / CONTROL
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise BusyError(f"a backupd ({holder}) drives the live restore into {output}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    return fd
 
 
 def save(state: LiveState) -> None:
