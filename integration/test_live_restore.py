@@ -9,6 +9,7 @@ and then let run at full speed through the VM's own monitor."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -135,6 +136,11 @@ async def test_the_vm_runs_on_the_backup_at_once_and_the_copy_keeps_its_writes(
     pid = daemon_pid(target.output)
     assert pid is not None
     assert os.getsid(pid) == pid  # a session of its own: a Ctrl-C on backupd misses it
+    held = json.loads((state_folder(target.output) / "served.json").read_text())
+    chain = [str(folder / "vda.qcow2") for folder in backups(repo)]
+    assert held["pid"] == pid and [f["file"] for f in held["chain"]] == chain
+    for f in held["chain"]:  # the daemon reads the very files the gate checked
+        assert os.readlink(f"/proc/{pid}/fd/{f['fd']}") == f["file"]
     assert not readers_free(repo)  # prune is kept away from the served files
 
     machine = await target.start()

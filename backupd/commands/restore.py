@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
     if args.vm is None or args.disk is None:
         raise UsageError("restore needs --vm and --disk")
-    if args.target_qmp is not None or args.resume:
-        raise UsageError("--target-qmp and --resume go with --live")
+    if args.target_qmp is not None or args.resume or args.speed is not None:
+        raise UsageError("--target-qmp, --resume and --speed go with --live")
     config = context.config()
     repo = Repository(config.repository).vm(config.vm(args.vm).name)
     if args.output is not None:

@@ -37,10 +37,10 @@ from pathlib import Path
 
 from backupd.chain import checked_chain
 from backupd.errors import BackupdError
-from backupd.live.state import LOG, PIDFILE
+from backupd.live.state import LOG, PIDFILE, SERVED
 from backupd.lock import acquire, name_holder
 from backupd.manifest import Manifest
-from backupd.private import private_dir
+from backupd.private import private_dir, write_private
 from backupd.repository import VMRepository
 from backupd.serving import blockdev_for
 
@@ -139,10 +139,21 @@ class ServedPoint:
                 finally:
                     os.close(log)
                 pid = await self._ready(manifest.id)
+                self._record(pid, [(str(checked.path), checked.fd) for checked in files], lock)
             name_holder(lock, holder, pid)
             return pid
         finally:
             os.close(lock)  # the daemon holds the lock now (or nobody, after a failure)
+
+    def _record(self, pid: int, files: list[tuple[str, int]], lock: int) -> None:
+        """What the daemon holds, for the operator (``served.json``; nothing reads it)."""
+        held = {
+            "pid": pid,
+            "socket": str(self.socket),
+            "chain": [{"file": path, "fd": fd} for path, fd in files],
+            "readers_lock_fd": lock,
+        }
+        write_private(self.folder / SERVED, json.dumps(held, indent=2) + "\n")
 
     async def _ready(self, backup: str) -> int:
         """Until the daemon has written its pid file (every node and the export exist);

@@ -7,6 +7,7 @@ survives a reboot with it, and it holds
 ```
 state.json     which point of which VM and disk is served, where, the copy job's id
 qsd.pid        qemu-storage-daemon's pid file (locked by the daemon while it lives)
+served.json    what the daemon holds: its pid, socket, the chain's files and descriptors
 qsd.log        the daemon's own messages
 control.lock   held by the backupd that drives the copy (one at a time)
 overlay.qcow2  the output while it is being made (linked to its name when complete)
@@ -40,12 +41,13 @@ from backupd.private import read_private, write_private
 FORMAT = 1
 STATE = "state.json"
 PIDFILE = "qsd.pid"
+SERVED = "served.json"
 LOG = "qsd.log"
 OVERLAY = "overlay.qcow2"
 CONTROL = "control.lock"
 
 #: what a path may hold to go into an NBD URI and qemu's option syntax unquoted
-_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]*")
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._-]*")
 
 
 class StateError(BackupdError):
