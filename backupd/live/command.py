@@ -54,7 +54,7 @@ def options(args: argparse.Namespace, context: CommandContext) -> LiveOptions:
         raise UsageError("--wait is a number of seconds, 0 or more")
     return LiveOptions(
         output=live_state.absolute(args.output),
-        target=str(args.target_qmp),
+        target=os.path.abspath(args.target_qmp),
         wait=args.wait,
         speed=args.speed,
         quiet=context.quiet,
