@@ -43,9 +43,11 @@ def _holder_text(fd: int) -> str:
     return text
 
 
-@contextlib.contextmanager
-def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
-    """Hold the lock at ``path`` (BusyError when another process holds it)."""
+def acquire(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> int:
+    """Take the lock at ``path`` and name this process as its holder; the descriptor
+    that holds it (the caller closes it, or hands it to a process that outlives it:
+    the lock lasts while any copy of the descriptor is open).  BusyError when another
+    process holds it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         # never through a symlink: the repository is not trusted, the lock file is written
@@ -63,11 +65,27 @@ def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> 
         except BlockingIOError:
             holder = _holder_text(fd) or "another backupd process"
             raise BusyError(f"vm {vm} is busy: {holder} holds its lock") from None
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        what = purpose or " ".join(os.path.basename(a) for a in sys.argv[:3])
-        line = f"{what} (pid {os.getpid()}) since {since}\n".encode()
-        os.ftruncate(fd, 0)  # a shared holder names itself too (the newest of them)
-        os.pwrite(fd, line, 0)
+        name_holder(fd, purpose or " ".join(os.path.basename(a) for a in sys.argv[:3]))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def name_holder(fd: int, what: str, pid: int | None = None) -> None:
+    """Write who holds the lock on ``fd``: WHAT (pid PID) since NOW.  A shared holder
+    names itself too (the newest of them)."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = f"{what} (pid {pid or os.getpid()}) since {since}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, line, 0)
+
+
+@contextlib.contextmanager
+def vm_lock(path: Path, vm: str, *, shared: bool = False, purpose: str = "") -> Iterator[None]:
+    """Hold the lock at ``path`` (BusyError when another process holds it)."""
+    fd = acquire(path, vm, shared=shared, purpose=purpose)
+    try:
         yield
     finally:
         os.close(fd)

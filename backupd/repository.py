@@ -110,6 +110,11 @@ class VMRepository:
     def lock_path(self) -> Path:
         return self.path / ".lock"
 
+    @property
+    def readers_path(self) -> Path:
+        """The lock shared by everything that reads backups, exclusive for prune."""
+        return self.path / ".readers"
+
     def ensure(self) -> None:
         for folder in (self.root, self.path):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -130,7 +135,7 @@ class VMRepository:
     def readers(self, *, exclusive: bool = False, purpose: str = "") -> Iterator[None]:
         """Shared by serve/restore/verify while they read backups; exclusive for prune."""
         self.ensure()
-        with vm_lock(self.path / ".readers", self.vm, shared=not exclusive, purpose=purpose):
+        with vm_lock(self.readers_path, self.vm, shared=not exclusive, purpose=purpose):
             yield
 
     def _vm_folder(self) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import time
 from pathlib import Path
@@ -28,15 +29,34 @@ examples:
   backupd restore --vm guest1 --backup 20261124T030000Z --disk vda --output vda.qcow2 \\
       --format qcow2
   backupd restore --vm guest1 --disk vda --to 'nbd+unix:///vda?socket=/run/new.sock'
+
+Live: the VM boots from the served backup at once, while qemu copies every cluster
+into the new qcow2 file in the background; backupd prints the -blockdev option that
+opens the file and waits (--wait) for the VM's qemu on --target-qmp:
+  backupd restore --live --vm guest1 --disk vda --output /var/lib/vms/vda.qcow2 \\
+      --target-qmp /run/qemu/guest1-restore.qmp
+  backupd restore --live --resume --output /var/lib/vms/vda.qcow2 \\
+      --target-qmp /run/qemu/guest1-restore.qmp      # after a kill or a VM restart
 """
 
 log = logging.getLogger("backupd")
+_RATE = re.compile(r"(\d+)([KMG]?)(?:i?B)?(?:/s)?", re.IGNORECASE)
+
+
+def _rate(text: str) -> int:
+    """``--speed``: bytes per second, with an optional K, M or G (powers of 1024);
+    0 is unlimited."""
+    found = _RATE.fullmatch(text.strip())
+    if found is None:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 50M for 50 MiB/s, or 0)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[found.group(2).upper()]
+    return int(found.group(1)) * scale
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vm", required=True)
-    parser.add_argument("--backup", default="latest", help="backup id (default: latest)")
-    parser.add_argument("--disk", required=True)
+    parser.add_argument("--vm", help="the VM whose backup to restore")
+    parser.add_argument("--backup", help="backup id (default: latest)")
+    parser.add_argument("--disk", help="the disk to restore")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--output", type=Path, help="file to write")
     where.add_argument("--to", metavar="NBD_URI", help="NBD export to write into")
@@ -44,13 +64,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         type=ImageFormat,
         choices=list(ImageFormat),
-        default=ImageFormat.RAW,
-        help="the output's format (default: raw)",
+        help="of --output (default: raw)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    live = parser.add_argument_group("live restore")
+    live.add_argument(
+        "--live", action="store_true", help="boot the VM from the backup now, copy meanwhile"
+    )
+    live.add_argument(
+        "--resume", action="store_true", help="finish a live restore (after a kill or a VM stop)"
+    )
+    live.add_argument("--target-qmp", metavar="SOCKET", help="QMP socket of the VM restored into")
+    live.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for that VM's qemu (default: 600)",
+    )
+    live.add_argument(
+        "--speed",
+        type=_rate,
+        metavar="RATE",
+        help="copy at most RATE bytes/s (K, M, G: KiB, MiB, GiB; 0: unlimited)",
+    )
 
 
 async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
+    if args.vm is None or args.disk is None:
+        raise UsageError("restore needs --vm and --disk")
+    if args.target_qmp is not None or args.resume or args.speed is not None:
+        raise UsageError("--target-qmp, --resume and --speed go with --live")
     config = context.config()
     repo = Repository(config.repository).vm(config.vm(args.vm).name)
     if args.output is not None:
@@ -83,7 +127,11 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
                     target = args.to
                 else:
                     stats = await restore_to_file(
-                        disk.uri, args.output, fmt=args.format, force=args.force, progress=update
+                        disk.uri,
+                        args.output,
+                        fmt=args.format or ImageFormat.RAW,
+                        force=args.force,
+                        progress=update,
                     )
                     target = str(args.output)
             finally:
@@ -103,4 +151,8 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
+    if args.live or args.resume:
+        from backupd.live.command import execute as live_restore
+
+        return live_restore(args, context)
     return asyncio.run(_restore(args, context))
