@@ -3,18 +3,22 @@ summary line in JSON logs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from integration.conftest import MiB, backupd, serving
 from integration.harness.chain import backups, checkpoint_bitmap, read_image
-from integration.harness.runs import argv, run_env, wait_for_staging
+from integration.harness.runs import argv, run_env, until_backupd_runs, wait_for_staging
+from integration.harness.servers import nbdkit
 from integration.harness.vm import QemuVM
 
 
@@ -183,3 +187,26 @@ async def test_a_scratch_folder_that_is_not_ours_alone_is_refused(
     result = backupd(config_for(vm), "run", "--vm", "guest1")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "scratch" / "guest1").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_an_interrupted_restore_exits_128_plus_signal_quietly(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, sockdir: Path, sig: int
+) -> None:
+    config = config_for(vm)
+    await vm.write("vda", 0, 4 * MiB, 0x61)
+    assert backupd(config, "run", "--vm", "guest1").returncode == 0
+    # a target that takes 30 s per write: the restore is surely under way when stopped
+    with nbdkit(sockdir / "slow.sock", "memory", "64M", "delay-write=30", filters=["delay"]) as uri:
+        proc = subprocess.Popen(
+            argv(config, "restore", "--vm", "guest1", "--disk", "vda", "--to", uri),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        await until_backupd_runs(proc.pid)
+        await asyncio.sleep(1.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert "restore interrupted" in err and "Traceback" not in err, err

@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import logging
 import re
-import signal
 import time
 from pathlib import Path
 
 from backupd.commands import CommandContext
 from backupd.config import ImageFormat
 from backupd.errors import UsageError
+from backupd.interrupt import Interrupt, run_interruptible
 from backupd.logs import human_bytes
 from backupd.progress import Progress, ProgressMode, progress_mode
 from backupd.repository import Repository
@@ -20,6 +20,8 @@ from backupd.restore import check_output, restore_to_file, restore_to_nbd
 from backupd.serving import ServedImage
 
 NAME = "restore"
+#: SIGINT/SIGTERM stay blocked until the event loop handles them (backupd.interrupt)
+HANDLES_SIGNALS = True
 DESCRIPTION = """\
 Restore one disk of a backup (any point of a chain) through the served backup image:
 into a raw file (sparse: zeros stay holes), a qcow2 file, or an NBD target.
@@ -90,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
+async def _restore(args: argparse.Namespace, context: CommandContext, interrupt: Interrupt) -> int:
     if args.vm is None or args.disk is None:
         raise UsageError("restore needs --vm and --disk")
     if args.target_qmp is not None or args.resume or args.speed is not None:
@@ -106,10 +108,6 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
             parse_uri(args.to)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     started = time.monotonic()
     with repo.readers(purpose=f"backupd restore --vm {args.vm}"):
         manifest = repo.resolve(args.backup)
@@ -134,6 +132,10 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
                         progress=update,
                     )
                     target = str(args.output)
+            except asyncio.CancelledError:
+                if interrupt.signal is not None:  # the output's temporary file is gone
+                    log.error("restore interrupted (%s); nothing was written", interrupt.name)
+                raise
             finally:
                 if bar is not None:
                     bar.close()
@@ -155,4 +157,4 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
         from backupd.live.command import execute as live_restore
 
         return live_restore(args, context)
-    return asyncio.run(_restore(args, context))
+    return run_interruptible(lambda interrupt: _restore(args, context, interrupt))

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import time
-from collections.abc import Iterator
 
 from backupd.backup import RunResult, run_backup
 from backupd.commands import CommandContext
 from backupd.config import Config, VMConfig
 from backupd.errors import BackupdError, ExitCode, UsageError, one_line, os_error_text
+from backupd.interrupt import Interrupt, run_interruptible
 from backupd.logs import Outcome, log_summary
 from backupd.planning import Mode
 from backupd.progress import progress_mode
@@ -46,56 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kind.add_argument(
         "--incremental", action="store_true", help="take an incremental backup or fail"
     )
-
-
-STOP = {signal.SIGINT, signal.SIGTERM}
-
-
-class Interrupt:
-    """The signal (SIGINT, SIGTERM) that cancelled the run, if any.
-
-    The signals stay blocked (:meth:`blocked`) until the event loop handles them
-    (:meth:`install`): one that arrives in between waits and then cancels the run, instead
-    of breaking into the event loop's construction."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    @staticmethod
-    @contextlib.contextmanager
-    def blocked() -> Iterator[None]:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    def install(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-
-        def on_signal(sig: int) -> None:
-            self.signal = self.signal or sig
-            task.cancel()
-
-        for sig in STOP:
-            loop.add_signal_handler(sig, on_signal, sig)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
-
-    @staticmethod
-    def uninstall() -> None:
-        """Block the signals again before the loop puts its handlers back to defaults."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process ended by it."""
-        return 128 + (self.signal or signal.SIGINT)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal or signal.SIGINT).name
 
 
 async def _attempt(
@@ -182,33 +130,20 @@ async def _run_one(context: CommandContext, vm_name: str, mode: Mode, interrupt:
     return int(code)
 
 
-async def _main(args: argparse.Namespace, context: CommandContext) -> int:
+async def _main(args: argparse.Namespace, context: CommandContext, interrupt: Interrupt) -> int:
     mode = Mode.FULL if args.full else Mode.INCREMENTAL if args.incremental else Mode.AUTO
-    interrupt = Interrupt()
-    interrupt.install()
     names = sorted(context.config().vms) if args.all else [args.vm]
     if args.all and not names:
         raise UsageError("the configuration has no VMs")
     worst = 0
-    try:
-        for name in names:
-            code = await _run_one(context, name, mode, interrupt)
-            worst = code if worst == 0 else worst
-            if interrupt.signal:
-                break
-    except asyncio.CancelledError:
-        pass
-    finally:
-        interrupt.uninstall()
-    return interrupt.exit_code if interrupt.signal else worst
+    for name in names:
+        code = await _run_one(context, name, mode, interrupt)
+        worst = code if worst == 0 else worst
+        if interrupt.signal:
+            break
+    return worst
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     context.config()  # configuration errors before anything else
-    # the event loop puts SIGTERM back to "kill" when it closes: keep ours instead
-    previous = signal.getsignal(signal.SIGTERM)
-    with Interrupt.blocked():
-        try:
-            return asyncio.run(_main(args, context))
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    return run_interruptible(lambda interrupt: _main(args, context, interrupt))

@@ -13,12 +13,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from pathlib import Path
 
 from backupd.backup import runtime_base
 from backupd.commands import CommandContext
 from backupd.errors import UsageError
+from backupd.interrupt import Interrupt, run_interruptible
 from backupd.live import state as live_state
 from backupd.live.flow import (
     LiveOptions,
@@ -33,8 +33,6 @@ from backupd.manifest import Manifest
 from backupd.repository import Repository, VMRepository
 
 log = logging.getLogger("backupd")
-
-STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 def options(args: argparse.Namespace, context: CommandContext) -> LiveOptions:
@@ -126,37 +124,22 @@ async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
     await live.resume(repo, manifest)
 
 
-async def _main(args: argparse.Namespace, context: CommandContext, opts: LiveOptions) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    caught: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        if not caught:  # the first one stops backupd; what it leaves is decided once
-            caught.append(sig)
-            task.cancel()
-
-    loop = asyncio.get_running_loop()
-    for sig in STOP:
-        loop.add_signal_handler(sig, on_signal, sig)
+async def _main(
+    args: argparse.Namespace, context: CommandContext, opts: LiveOptions, interrupt: Interrupt
+) -> int:
     try:
         if args.resume:
             await _resume(context, opts)
         else:
             await _start(args, context, opts)
     except asyncio.CancelledError:
-        if not caught:
+        if interrupt.signal is None:
             raise
-        log.error("live restore interrupted (%s)", signal.Signals(caught[0]).name)
-        return 128 + caught[0]
+        log.error("live restore interrupted (%s)", interrupt.name)
+        return interrupt.exit_code
     return 0
 
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     opts = options(args, context)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        return asyncio.run(_main(args, context, opts))
-    finally:
-        # the event loop sets SIGTERM back to "kill" when it closes: keep backupd's
-        signal.signal(signal.SIGTERM, previous)
+    return run_interruptible(lambda interrupt: _main(args, context, opts, interrupt))
