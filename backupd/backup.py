@@ -30,7 +30,6 @@ from backupd.faults import checkpoint
 from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
 from backupd.manifest import Consistency, DiskRecord, Manifest, VMState
-from backupd.merge import finish as finish_merge
 from backupd.planning import Mode, Plan, plan_backup
 from backupd.private import private_dir
 from backupd.progress import ProgressMode
@@ -185,9 +184,11 @@ class BackupRun:
         """A prune that was killed is finished first (its backups are being changed)."""
         if not self.repo.unfinished_merge():
             return
+        from backupd.merge import finish  # (rare: not imported by every run)
+
         try:
             with self.repo.readers(exclusive=True, purpose=f"backupd run --vm {self.vm.name}"):
-                await finish_merge(self.repo)
+                await finish(self.repo)
         except BusyError as exc:  # a serve or restore reads the VM's backups now
             log.warning("%s: an interrupted merge waits for the next run: %s", self.vm.name, exc)
 

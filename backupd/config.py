@@ -17,7 +17,7 @@ import yaml
 
 from backupd import names
 from backupd.errors import ConfigError
-from nbdclient.copy.engine import DEFAULT_REQUEST_SIZE
+from nbdclient.constants import DEFAULT_REQUEST_SIZE
 
 
 class Fleecing(StrEnum):

@@ -11,9 +11,9 @@ A new destination is a new sink (see :mod:`nbdclient.copy.engine` for the contra
 the engine does not change.
 """
 
+from ..constants import DEFAULT_REQUEST_SIZE
 from .destinations import CopyOptions, copy_export, copy_to_file, copy_to_nbd, copy_to_null
 from .engine import (
-    DEFAULT_REQUEST_SIZE,
     WRITE_BATCH,
     Batch,
     BufferPool,

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..constants import DEFAULT_REQUEST_SIZE
 from ..uri import NBDURI
-from .engine import DEFAULT_REQUEST_SIZE, CopyStats, ProgressCallback, Sink, copy
+from .engine import CopyStats, ProgressCallback, Sink, copy
 from .outfile import OutputFile
 from .plan import Plan
 from .sinks import NBDSink, NullSink, RawFileSink

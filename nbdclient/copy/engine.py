@@ -59,13 +59,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..client import Client
+from ..constants import DEFAULT_REQUEST_SIZE
 from ..fileio import DIRECT_ALIGN, aligned_buffer
 from ..multiconn import first_error
 from .plan import Plan
 from .source import Source
 
-#: bytes per read request (see above: qemu serves 512 KiB best)
-DEFAULT_REQUEST_SIZE = 512 << 10
 #: sink bytes written at once: consecutive requests are batched up to this size
 WRITE_BATCH = 2 << 20
 #: more connections pay only for copies larger than this
