@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,20 +366,22 @@ class Repository:
 
     def identity(self) -> str:
         """This repository's short random id (made on first use): it names the checkpoint
-        bitmaps in qemu, so several repositories of one VM keep their own chains."""
+        bitmaps in qemu, so several repositories of one VM keep their own chains.  It is
+        written whole under a temporary name and linked into place, so two first runs at
+        once agree on one id and never read a half-written one."""
         path = self.root / IDENTITY_FILE
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            pass
-        else:
+        if not os.path.lexists(path):
+            fd, tmp = tempfile.mkstemp(prefix=".repository-id.", dir=self.root)
             try:
                 os.write(fd, (os.urandom(4).hex() + "\n").encode())
                 os.fsync(fd)
-            finally:
                 os.close(fd)
-            fsync_dir(self.root)
+                with contextlib.suppress(FileExistsError):  # another run was first
+                    os.link(tmp, path)
+                fsync_dir(self.root)
+            finally:
+                os.unlink(tmp)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:

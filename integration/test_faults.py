@@ -528,6 +528,9 @@ async def test_scratch_area_full(
         config.write_text(yaml.safe_dump(data))
         await vm.write("vda", 0, 16 * MiB, 0x61)
         assert backupd(config, "run", "--vm", "guest1").returncode == 0
+        # changes for the next incremental to read: it reads them from the view after the
+        # guest broke it (an incremental with nothing to read would be right to succeed)
+        await vm.write("vda", 20 * MiB, 4 * MiB, 0x71)
         guest_errors: list[str] = []
 
         async def overwrite() -> None:

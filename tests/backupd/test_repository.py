@@ -182,3 +182,24 @@ def test_the_repository_side_does_not_import_the_configuration() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert "backupd.repository" in loaded and "backupd.config" not in loaded
+
+
+def test_first_runs_at_once_agree_on_one_repository_id(tmp_path: Path) -> None:
+    """Two first runs (of two VMs) at the same instant: one id, never a half-written one."""
+    import concurrent.futures
+    import threading
+
+    from backupd.repository import Repository
+
+    for attempt in range(20):
+        root = tmp_path / f"repo{attempt}"
+        barrier = threading.Barrier(8)
+
+        def first_use(root: Path = root, barrier: threading.Barrier = barrier) -> str:
+            barrier.wait()
+            return Repository(root).identity()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            ids = set(pool.map(lambda _: first_use(), range(8)))
+        assert len(ids) == 1, ids
+        assert sorted(p.name for p in root.iterdir()) == [".repository-id"]
