@@ -68,8 +68,11 @@ class JournalFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+    """``2026-11-25 01:30:00 INFO    ...``; with ``precise``, milliseconds too (debug)."""
+
+    def __init__(self, precise: bool = False) -> None:
+        fmt = "%(asctime)s.%(msecs)03d" if precise else "%(asctime)s"
+        super().__init__(f"{fmt} %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 class JSONFormatter(logging.Formatter):
@@ -99,7 +102,7 @@ def setup(level: str = "info", json: bool = False, quiet: bool = False) -> None:
     elif under_journald():
         handler.setFormatter(JournalFormatter())
     else:
-        handler.setFormatter(TextFormatter())
+        handler.setFormatter(TextFormatter(precise=numeric <= logging.DEBUG))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -52,6 +52,7 @@ from integration.bench_common import (
     MiB,
     backupd_cmd,
     copy_seconds,
+    installed_like,
     make_disk,
     med,
     row,
@@ -388,6 +389,9 @@ async def main() -> None:
     if args.request_size:
         settings["request_size"] = args.request_size
     cases = {int(c) for c in args.cases.split(",")}
+    root = Path(__file__).resolve().parent.parent
+    peers = [args.qmpbackup] if args.qmpbackup is not None else []
+    installed_like(root / "backupd", root / "nbdclient", *peers)
     work = Path(tempfile.mkdtemp(prefix="backupd-bench-", dir=args.dir))
     bench = Bench(work, args.rounds, settings)
     started = time.perf_counter()

@@ -71,3 +71,18 @@ def copy_seconds(repo: Path) -> float:
 
 def med(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def installed_like(*trees: Path) -> None:
+    """Run the programs as an installation runs them: with their bytecode compiled (pip
+    compiles it at install time; an environment with PYTHONDONTWRITEBYTECODE would have
+    every run compile every module again, for backupd and the peers alike)."""
+    import os
+
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    for tree in trees:
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(tree)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )

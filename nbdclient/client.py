@@ -473,6 +473,40 @@ class Client:
         )
         return result
 
+    async def block_status_many(
+        self, ranges: Sequence[tuple[int, int]]
+    ) -> list[dict[str, list[Extent]]]:
+        """:meth:`block_status` of every ``(length, offset)`` of ``ranges``: all requests go
+        out in one write and the call returns once every reply is in (the first failure
+        is raised after that).  Each reply may cover less than its range, as one of
+        :meth:`block_status` does."""
+        if not self.meta_contexts:
+            raise UnsupportedError("no meta context was negotiated; block status is unavailable")
+        limit = _MAX_COMPACT_LENGTH if not self.extended_headers else 1 << 40
+        conn = self._conn
+        cookies, headers, futures = [], [], []
+        for length, offset in ranges:
+            self._check(offset, length, payload=False)
+            if not length > 0:
+                raise ValueError("block_status_many takes ranges of at least one byte")
+            cookie, header, future = conn.request(Command.BLOCK_STATUS, offset, min(length, limit))
+            cookies.append(cookie)
+            headers.append(header)
+            futures.append(future)
+        if not futures:
+            return []
+        try:
+            conn.send(b"".join(headers))
+            async with asyncio.timeout(self.request_timeout):
+                await asyncio.wait(futures)
+        except BaseException as exc:
+            for cookie in cookies:  # late replies are consumed, into nowhere
+                conn.abandon(cookie)
+            if isinstance(exc, TimeoutError):
+                raise self._timed_out(Command.BLOCK_STATUS) from exc
+            raise
+        return [future.result() for future in futures]
+
     async def disconnect(self) -> None:
         """NBD_CMD_DISC, then close the socket; CLOSED when it returns.  Idempotent:
         a second call waits for the first."""

@@ -4,7 +4,6 @@ map what changed without mapping the whole disk's allocation (:func:`map_dirty_f
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -140,8 +139,30 @@ async def map_export(
     return result
 
 
-#: block status requests in flight at once while mapping the dirty ranges
-MAP_REQUESTS = 16
+#: block status requests sent in one write while mapping the dirty ranges
+MAP_BATCH = 256
+
+
+async def _allocation_of(client: Client, ranges: list[tuple[int, int]]) -> list[list[Extent]]:
+    """``base:allocation`` of every range, complete: the ranges asked in batches (one
+    write each), and what a reply left out asked again."""
+    found: list[list[Extent]] = [[] for _ in ranges]
+    todo = list(range(len(ranges)))
+    position = [start for start, _ in ranges]
+    while todo:
+        batch, todo = todo[:MAP_BATCH], todo[MAP_BATCH:]
+        replies = await client.block_status_many(
+            [(ranges[i][1] - position[i], position[i]) for i in batch]
+        )
+        for i, reply in zip(batch, replies, strict=True):
+            extents = reply.get(BASE_ALLOCATION)
+            if not extents:
+                raise RemoteProtocolError("block status reply without base:allocation extents")
+            found[i] += extents
+            position[i] = extents[-1].offset + extents[-1].length
+            if position[i] < ranges[i][1]:
+                todo.append(i)  # the server answered part of the range: ask the rest
+    return found
 
 
 def _dirty_ranges(extents: Sequence[Extent]) -> list[tuple[int, int]]:
@@ -171,25 +192,14 @@ async def map_dirty_first(
     negotiated only that context: a connection with ``base:allocation`` too would have
     the server compute and send the allocation of every clean region as well); then
     ``base:allocation`` is asked on ``allocation_client`` only inside the dirty ranges,
-    several requests at once.  A clean range between them is one extent
+    many requests in one write.  A clean range between them is one extent
     (``dirty=False``; whether it is allocated is not asked).
     """
     _require(dirty_client, dirty_context)
     _require(allocation_client, BASE_ALLOCATION)
     dirty = [e async for e in iter_block_status(dirty_client, dirty_context, window=window)]
     ranges = _dirty_ranges(dirty)
-    gate = asyncio.Semaphore(MAP_REQUESTS)
-
-    async def allocation(start: int, end: int) -> list[Extent]:
-        async with gate:
-            return [
-                e
-                async for e in iter_block_status(
-                    allocation_client, offset=start, length=end - start, window=window
-                )
-            ]
-
-    found = await asyncio.gather(*(allocation(s, e) for s, e in ranges))
+    found = await _allocation_of(allocation_client, ranges)
     result: list[MappedExtent] = []
     position = 0
     for (start, end), extents in zip(ranges, found, strict=True):
