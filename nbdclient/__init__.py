@@ -7,7 +7,7 @@ Start with :func:`connect`; see :class:`Client` for the commands.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import Client, connect, list_exports, list_meta_contexts, query_export
+    from .client import Client, connect
     from .constants import STATE_DIRTY, STATE_HOLE, STATE_ZERO, TransmissionFlag
     from .errors import (
         ConnectionLostError,
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         StateError,
         UnsupportedError,
     )
+    from .queries import list_exports, list_meta_contexts, query_export
     from .uri import NBDURI, parse_uri, unix_uri
     from .values import BlockSize, ExportListing, Extent, Runstate, TLSOptions
 
@@ -28,9 +29,9 @@ if TYPE_CHECKING:
 _HOME = {
     "Client": "client",
     "connect": "client",
-    "list_exports": "client",
-    "list_meta_contexts": "client",
-    "query_export": "client",
+    "list_exports": "queries",
+    "list_meta_contexts": "queries",
+    "query_export": "queries",
     "STATE_DIRTY": "constants",
     "STATE_HOLE": "constants",
     "STATE_ZERO": "constants",

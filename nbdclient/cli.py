@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __name__ as _pkg
-from .client import connect, list_exports, list_meta_contexts
+from .client import connect
 from .constants import BASE_ALLOCATION
 from .copy import (
     DEFAULT_REQUEST_SIZE,
@@ -34,6 +34,7 @@ from .copy import (
 )
 from .errors import NBDError, NegotiationError, UnsupportedError
 from .extents import iter_block_status
+from .queries import list_exports, list_meta_contexts
 from .uri import parse_uri
 
 

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from . import _negotiate as ng
 from ._connection import Connection
-from ._handshake import ExportInfo
+from ._facts import ExportFacts
 from ._replies import Replies
 from .constants import (
-    BASE_ALLOCATION,
     DEFAULT_MAX_PAYLOAD,
     Command,
     CommandFlag,
-    Option,
     TransmissionFlag,
 )
 from .errors import (
@@ -37,7 +35,7 @@ from .errors import (
     UnsupportedError,
 )
 from .uri import NBDURI, parse_uri
-from .values import BlockSize, ExportListing, Extent, Runstate, TLSOptions
+from .values import BlockSize, Extent, Runstate, TLSOptions
 
 #: Largest block status request with compact headers (a u32 length, kept aligned).
 _MAX_COMPACT_LENGTH = 0xFFFFFFFF & ~0xFFFF
@@ -82,71 +80,7 @@ async def connect(
     return Client(negotiated, request_timeout=request_timeout)
 
 
-@contextlib.asynccontextmanager
-async def _option_phase(
-    uri: NBDURI, tls: TLSOptions | None, timeout: float, what: str, *, replies: bool
-) -> AsyncIterator[ng.Negotiator]:
-    """A connection kept in the option phase (greeting, STARTTLS, reply haggling) and
-    closed with NBD_OPT_ABORT; for the queries that never start transmission."""
-    try:
-        async with asyncio.timeout(timeout):
-            negotiator = await ng.Negotiator.open(uri)
-            try:
-                await negotiator.greeting()
-                tls_options = _tls_for(uri, tls)
-                if tls_options is not None:
-                    await negotiator.starttls(tls_options, uri.host)
-                if replies:
-                    await negotiator.negotiate_replies(structured=True, extended=True)
-                yield negotiator
-            finally:
-                await negotiator.abort()
-    except TimeoutError as exc:
-        raise NBDTimeoutError(f"{what} on {uri} took longer than {timeout:g} s") from exc
-
-
-async def list_exports(
-    target: str | NBDURI, *, tls: TLSOptions | None = None, timeout: float = 10.0
-) -> list[ExportListing]:
-    """NBD_OPT_LIST: the server's export names and descriptions."""
-    uri = _resolve(target, None)
-    async with _option_phase(uri, tls, timeout, "listing exports", replies=False) as session:
-        return await session.list_exports()
-
-
-async def list_meta_contexts(
-    target: str | NBDURI,
-    *,
-    export: str | None = None,
-    queries: Sequence[str] = (),
-    tls: TLSOptions | None = None,
-    timeout: float = 10.0,
-) -> list[str]:
-    """NBD_OPT_LIST_META_CONTEXT: the contexts of an export matching ``queries``
-    (e.g. ``"qemu:"``, ``"qemu:dirty-bitmap:"``; none = all)."""
-    uri = _resolve(target, export)
-    async with _option_phase(uri, tls, timeout, "listing meta contexts", replies=True) as s:
-        contexts = await s.meta_context_option(Option.LIST_META_CONTEXT, uri.export, tuple(queries))
-        return list(contexts)
-
-
-async def query_export(
-    target: str | NBDURI,
-    *,
-    export: str | None = None,
-    tls: TLSOptions | None = None,
-    timeout: float = 10.0,
-) -> ExportInfo:
-    """NBD_OPT_INFO: size, flags, name, description and block sizes, without connecting."""
-    uri = _resolve(target, export)
-    async with _option_phase(uri, tls, timeout, "querying the export", replies=True) as s:
-        info = await s.info_or_go(Option.INFO, uri.export)
-        if info is None:
-            raise UnsupportedError("server does not support NBD_OPT_INFO")
-        return info
-
-
-class Client:
+class Client(ExportFacts):
     """One connected NBD export.  Use as an async context manager, or call
     :meth:`disconnect` when done."""
 
@@ -195,44 +129,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<nbdclient.Client export={self.export_name!r} size={self.size}>"
-
-    # ---- capabilities ---------------------------------------------------------------
-
-    def get_size(self) -> int:
-        return self.size
-
-    def _has(self, flag: TransmissionFlag) -> bool:
-        return flag in self.flags
-
-    def is_read_only(self) -> bool:
-        return self._has(TransmissionFlag.READ_ONLY)
-
-    def can_flush(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FLUSH)
-
-    def can_fua(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FUA)
-
-    def can_trim(self) -> bool:
-        return self._has(TransmissionFlag.SEND_TRIM)
-
-    def can_zero(self) -> bool:
-        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
-
-    def can_fast_zero(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FAST_ZERO)
-
-    def can_df(self) -> bool:
-        return self._has(TransmissionFlag.SEND_DF) and self.structured_replies
-
-    def can_cache(self) -> bool:
-        return self._has(TransmissionFlag.SEND_CACHE)
-
-    def can_multi_conn(self) -> bool:
-        return self._has(TransmissionFlag.CAN_MULTI_CONN)
-
-    def can_block_status(self, context: str = BASE_ALLOCATION) -> bool:
-        return context in self.meta_contexts
 
     @property
     def runstate(self) -> Runstate:
@@ -343,23 +239,30 @@ class Client:
         in.  If any read failed, the first failure is raised after all have completed,
         so no reply lands in a buffer later.  Each read is at most :attr:`max_request`."""
         flags = CommandFlag.DF if df and self.can_df() else 0
-        views = []
+        requests = []
         for buf, offset in reads:
             view = memoryview(buf).cast("B")
             self._check(offset, len(view), payload=False)
             if not 0 < len(view) <= self.max_request:
                 raise ValueError(f"read of {len(view)} bytes: pread_many takes 1..max_request")
-            views.append((view, offset))
-        if not views:
-            return
+            requests.append((offset, len(view), view))
+        await self._request_many(Command.READ, requests, flags)
+
+    async def _request_many(
+        self,
+        command: Command,
+        requests: Sequence[tuple[int, int, memoryview | None]],
+        flags: int = 0,
+    ) -> list[Any]:
+        """Send ``(offset, length, buf)`` requests in one write; their results once every
+        reply is in (the first failure raised after that, so no late reply lands in a
+        buffer of a caller that has gone on)."""
+        if not requests:
+            return []
         conn = self._conn
-        cookies = []
-        headers = []
-        futures = []
-        for view, offset in views:
-            cookie, header, future = conn.request(
-                Command.READ, offset, len(view), flags=flags, buf=view
-            )
+        cookies, headers, futures = [], [], []
+        for offset, length, buf in requests:
+            cookie, header, future = conn.request(command, offset, length, flags=flags, buf=buf)
             cookies.append(cookie)
             headers.append(header)
             futures.append(future)
@@ -371,12 +274,9 @@ class Client:
             for cookie in cookies:  # late replies are consumed, into nowhere
                 conn.abandon(cookie)
             if isinstance(exc, TimeoutError):
-                raise self._timed_out(Command.READ) from exc
+                raise self._timed_out(command) from exc
             raise
-        for future in futures:
-            error = future.exception()
-            if error is not None:
-                raise error
+        return [future.result() for future in futures]
 
     async def pread(self, length: int, offset: int, *, df: bool = False) -> bytes:
         buf = bytearray(length)
@@ -483,29 +383,13 @@ class Client:
         if not self.meta_contexts:
             raise UnsupportedError("no meta context was negotiated; block status is unavailable")
         limit = _MAX_COMPACT_LENGTH if not self.extended_headers else 1 << 40
-        conn = self._conn
-        cookies, headers, futures = [], [], []
+        requests = []
         for length, offset in ranges:
             self._check(offset, length, payload=False)
             if not length > 0:
                 raise ValueError("block_status_many takes ranges of at least one byte")
-            cookie, header, future = conn.request(Command.BLOCK_STATUS, offset, min(length, limit))
-            cookies.append(cookie)
-            headers.append(header)
-            futures.append(future)
-        if not futures:
-            return []
-        try:
-            conn.send(b"".join(headers))
-            async with asyncio.timeout(self.request_timeout):
-                await asyncio.wait(futures)
-        except BaseException as exc:
-            for cookie in cookies:  # late replies are consumed, into nowhere
-                conn.abandon(cookie)
-            if isinstance(exc, TimeoutError):
-                raise self._timed_out(Command.BLOCK_STATUS) from exc
-            raise
-        return [future.result() for future in futures]
+            requests.append((offset, min(length, limit), None))
+        return await self._request_many(Command.BLOCK_STATUS, requests)
 
     async def disconnect(self) -> None:
         """NBD_CMD_DISC, then close the socket; CLOSED when it returns.  Idempotent:
