@@ -12,6 +12,7 @@ from pathlib import Path
 from backupd.commands import CommandContext
 from backupd.config import ImageFormat
 from backupd.errors import UsageError
+from backupd.keys import vm_key
 from backupd.logs import human_bytes
 from backupd.progress import Progress, ProgressMode, progress_mode
 from backupd.repository import Repository
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = Repository(config.repository).vm(vm.name)
     if args.output is not None:
         check_output(args.output, args.force)
     if args.to is not None:
@@ -67,9 +69,9 @@ async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     started = time.monotonic()
-    with repo.readers(purpose=f"backupd restore --vm {args.vm}"):
+    with vm_key(vm.encryption) as key, repo.readers(purpose=f"backupd restore --vm {args.vm}"):
         manifest = repo.resolve(args.backup)
-        async with ServedImage(repo, manifest, [args.disk]) as (disk,):
+        async with ServedImage(repo, manifest, [args.disk], key=key) as (disk,):
             mode = progress_mode(context.quiet)
             bar = (
                 Progress(f"{repo.vm}/{disk.name}", disk.size, mode=mode)

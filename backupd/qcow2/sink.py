@@ -21,15 +21,19 @@ Used by backup (a new file in the staging folder, with digests) and by restore (
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd.digests import ALGORITHM, KEYED, hexdigest
 from backupd.manifest import DigestRun
-from backupd.qcow2.encryption import ImageKey
 from backupd.qcow2.layout import CLUSTER_SIZE, align_up
 from backupd.qcow2.writer import Qcow2Stats, Qcow2Writer
-from backupd.qcow2.xts import SECTOR
 from nbdclient.copy import Batch, OutputFile
 from nbdclient.fileio import DIRECT_ALIGN, DataFile
+
+if TYPE_CHECKING:  # numpy and cryptography: imported only for encrypted images
+    from backupd.qcow2.encryption import ImageKey
+
+SECTOR = 512
 
 
 class Qcow2Sink:
