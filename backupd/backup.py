@@ -241,7 +241,7 @@ class BackupRun:
             return
         try:
             with self.repo.readers(exclusive=True, purpose=f"backupd run --vm {self.vm.name}"):
-                await finish_merge(self.repo)
+                await finish_merge(self.repo, self.key)
         except BusyError as exc:  # a serve or restore reads the VM's backups now
             log.warning("%s: an interrupted merge waits for the next run: %s", self.vm.name, exc)
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the ciphers (numpy, cryptography) are imported when a key i
 CIPHERS: Final = luks.CIPHERS
 KDF_HASHES: Final = luks.HASHES
 MAX_KEY_BYTES: Final = 64 << 10
+#: the id of the key's ``secret`` object in every qemu that opens encrypted files
+SECRET_ID: Final = "s0"
 DEFAULT_CIPHER: Final = "aes-256-xts-plain64"
 #: PBKDF2 seconds of a new key slot: qemu opens a file in ~0.1-0.2 s with it here
 DEFAULT_ITER_TIME: Final = 0.2
@@ -126,11 +128,11 @@ class Key:
     def qemu_file(self) -> str:
         return f"/dev/fd/{self.fd}"
 
-    def qemu_object(self, ident: str = "s0") -> dict[str, str]:
+    def qemu_object(self, ident: str = SECRET_ID) -> dict[str, str]:
         """The ``secret`` object (``--object`` as JSON) that reads the key."""
         return {"qom-type": "secret", "id": ident, "file": self.qemu_file}
 
-    def qemu_object_arg(self, ident: str = "s0") -> str:
+    def qemu_object_arg(self, ident: str = SECRET_ID) -> str:
         """The same in qemu-img's ``--object`` syntax (no secret in it: a descriptor)."""
         return f"secret,id={ident},file={self.qemu_file}"
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from backupd.chain import CheckedFile, checked_chain
 from backupd.errors import BackupdError, EncryptionKeyError, NotFoundError, UsageError
-from backupd.keys import Key
+from backupd.keys import SECRET_ID, Key
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
 from backupd.shield import run_to_completion
@@ -72,10 +72,6 @@ def load_psk_file(path: Path) -> bytes:
     if not lines:
         raise UsageError(f"--tls-psk-file {path} holds no USERNAME:HEXKEY line")
     return b"".join(lines)
-
-
-#: the id of the key's ``secret`` object in every qemu that opens encrypted files
-SECRET_ID = "s0"
 
 
 def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:

@@ -67,17 +67,9 @@ def luks_region(fd: int) -> tuple[int, int] | None:
     fields = layout.HEADER.unpack(head)
     if fields[6] != layout.CRYPT_LUKS:
         return None
-    cluster0 = os.pread(fd, 1 << int(fields[4]), 0)
-    position = layout.HEADER_LENGTH
-    while position + layout.EXT_HEADER.size <= len(cluster0):
-        kind, length = layout.EXT_HEADER.unpack_from(cluster0, position)
-        position += layout.EXT_HEADER.size
-        if kind == layout.EXT_END:
-            break
-        if kind == layout.EXT_FULL_DISK_ENCRYPTION and length == layout.EXT_FDE.size:
-            offset, size = layout.EXT_FDE.unpack_from(cluster0, position)
-            return int(offset), int(size)
-        position += layout.align_up(length, 8)
+    region = layout.fde_extension(os.pread(fd, 1 << int(fields[4]), 0))
+    if region is not None:
+        return region
     raise luks.LuksError("encrypted image without its encryption header extension")
 
 

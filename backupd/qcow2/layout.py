@@ -101,3 +101,20 @@ def encode_header(
     if len(data) > 1 << cluster_bits:
         raise ValueError("qcow2 header does not fit the first cluster (backing path too long)")
     return data
+
+
+def fde_extension(cluster0: bytes) -> tuple[int, int] | None:
+    """(offset, length) that the full disk encryption extension of a header (the first
+    cluster) names; None when it has none.  Reads what is there, checks nothing: for
+    files that passed the gate, or that qemu just wrote."""
+    position = HEADER_LENGTH
+    while position + EXT_HEADER.size <= len(cluster0):
+        kind, length = EXT_HEADER.unpack_from(cluster0, position)
+        position += EXT_HEADER.size
+        if kind == EXT_END:
+            return None
+        if kind == EXT_FULL_DISK_ENCRYPTION and length == EXT_FDE.size:
+            offset, size = EXT_FDE.unpack_from(cluster0, position)
+            return int(offset), int(size)
+        position += align_up(length, 8)
+    return None
