@@ -172,6 +172,8 @@ async def verify_backup(repo: VMRepository, backup: str, key: Key | None = None)
                 if problem is not None:
                     report.problems.append(f"backup {backup} disk {disk}: {problem}")
                 await _check_digests(files[-1], manifest, disk, report, image_key)
+        except EncryptionKeyError:
+            raise  # not damage: the wrong key (exit 2)
         except BackupdError as exc:
             report.problems.append(str(exc))
     return report

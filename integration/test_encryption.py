@@ -32,7 +32,9 @@ def make_key(folder: Path, name: str = "backupd.key") -> Path:
 
 
 def encrypted_config(config_for: Callable[..., Path], vm: QemuVM, key: Path) -> Path:
-    return config_for(vm, encryption={"key_file": str(key), "iter_time": 0.05})
+    """A configuration of its own (beside the key) backing up ``vm`` with ``key``."""
+    path = config_for(vm, encryption={"key_file": str(key), "iter_time": 0.05})
+    return path.rename(key.with_name(f"{key.stem}-config.yaml"))
 
 
 def qemu_read(image: Path, key: Path, tmp: Path) -> bytes:
@@ -75,8 +77,8 @@ async def encrypted_chain(vm: QemuVM, config: Path, rounds: int = 3) -> list[byt
         assert result.returncode == 0, result.stderr
         assert ("kind=full" if r == 0 else "kind=incremental") in result.stderr, result.stderr
         points.append(vm.snapshot()["vda"])
-        await vm.write("vda", (5 + r) * MiB, 65536, PATTERNS[1 + r])
-        await vm.write("vda", r * MiB, 4096, PATTERNS[4 + r])
+        await vm.write("vda", (5 + r) * MiB, 65536, PATTERNS[1 + r % 3])
+        await vm.write("vda", r * MiB, 4096, PATTERNS[4 + r % 3])
         if r == 1:
             await vm.write_zeroes("vda", 2 * MiB, 65536)
             await vm.discard("vda", MiB, 65536)
@@ -127,3 +129,167 @@ async def test_encrypted_chain_is_qcow2_luks_that_stock_qemu_reads(
         assert first_difference(bytes(served), expected) is None, folder.name
     verified = backupd(config, "verify", "--vm", "guest1", "--all")
     assert verified.returncode == 0, verified.stderr
+
+
+def flip_first_data_byte(folder: Path) -> int:
+    """Flip one ciphertext byte of the first digest run of vda; its guest offset."""
+    run = json.loads((folder / "manifest.json").read_text())["disks"]["vda"]["digests"][0]
+    host, _, guest, _ = run
+    with open(folder / "vda.qcow2", "r+b") as f:
+        f.seek(host + 100)
+        byte = f.read(1)
+        f.seek(host + 100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return int(guest)
+
+
+async def test_wrong_key_flipped_byte_and_rekey(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    key = make_key(tmp_path)
+    config = encrypted_config(config_for, vm, key)
+    points = await encrypted_chain(vm, config, rounds=2)
+    found = backups(tmp_path / "repo")
+    # a wrong key: one line, exit 2, nothing written
+    wrong = make_key(tmp_path, "wrong.key")
+    wrong_config = encrypted_config(config_for, vm, wrong)
+    out = tmp_path / "wrong.raw"
+    for args in (
+        ("restore", "--vm", "guest1", "--disk", "vda", "--output", str(out)),
+        ("verify", "--vm", "guest1"),
+        ("run", "--vm", "guest1", "--incremental"),
+    ):
+        result = backupd(wrong_config, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "key" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 or args[0] == "run", result.stderr
+    assert not out.exists() and len(backups(tmp_path / "repo")) == 2
+    # an unsafe key file is refused before anything happens
+    os.chmod(key, 0o644)
+    unsafe = backupd(config, "verify", "--vm", "guest1")
+    assert unsafe.returncode == 2 and "mode 0644" in unsafe.stderr, unsafe.stderr
+    os.chmod(key, 0o400)
+    # rekey: the new key opens every file, the old one none, data untouched
+    new = make_key(tmp_path, "new.key")
+    rekeyed = backupd(config, "rekey", "--vm", "guest1", "--new-key-file", str(new))
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert "2 files rekeyed" in rekeyed.stderr, rekeyed.stderr
+    again = backupd(config, "rekey", "--vm", "guest1", "--new-key-file", str(new))
+    assert again.returncode == 0 and "2 had the new key already" in again.stderr, again.stderr
+    new_config = encrypted_config(config_for, vm, new)
+    old_config = config
+    for folder, expected in zip(found, points, strict=True):
+        raw = tmp_path / f"new-{folder.name}.raw"
+        result = backupd(
+            new_config, "restore", "--vm", "guest1", "--backup", folder.name,
+            "--disk", "vda", "--output", str(raw),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert first_difference(raw.read_bytes(), expected) is None
+        stale = backupd(
+            old_config, "restore", "--vm", "guest1", "--backup", folder.name,
+            "--disk", "vda", "--output", str(tmp_path / "stale.raw"),
+        )  # fmt: skip
+        assert stale.returncode == 2, stale.stderr
+        assert not (tmp_path / "stale.raw").exists()
+    assert backupd(new_config, "verify", "--vm", "guest1", "--all").returncode == 0
+    # the next run continues the chain with the new key
+    await vm.write("vda", 30 * MiB, 65536, 0x3D)
+    after = backupd(new_config, "run", "--vm", "guest1")
+    assert after.returncode == 0 and "kind=incremental" in after.stderr, after.stderr
+    # one flipped byte of ciphertext: backup, disk and guest offset
+    guest = flip_first_data_byte(found[0])
+    damaged = backupd(new_config, "verify", "--vm", "guest1", "--all")
+    assert damaged.returncode == 4, damaged.stderr
+    assert f"backup {found[0].name} disk vda: stored data at guest offset {guest} " in (
+        damaged.stderr
+    ), damaged.stderr
+
+
+async def test_prune_merges_an_encrypted_chain(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    key = make_key(tmp_path)
+    config = encrypted_config(config_for, vm, key)
+    points = await encrypted_chain(vm, config, rounds=5)
+    ids = [f.name for f in backups(tmp_path / "repo")]
+    data = yaml.safe_load(config.read_text())
+    data["vms"]["guest1"]["keep_last"] = 2
+    config.write_text(yaml.safe_dump(data))
+    result = backupd(config, "prune", "--vm", "guest1")
+    assert result.returncode == 0, result.stderr
+    kept = backups(tmp_path / "repo")
+    assert [f.name for f in kept] == ids[3:]
+    for folder in kept:
+        raw = tmp_path / f"{folder.name}.raw"
+        restored = backupd(
+            config, "restore", "--vm", "guest1", "--backup", folder.name,
+            "--disk", "vda", "--output", str(raw),
+        )  # fmt: skip
+        assert restored.returncode == 0, restored.stderr
+        assert first_difference(raw.read_bytes(), points[ids.index(folder.name)]) is None
+        image = (folder / "vda.qcow2").read_bytes()
+        assert all(bytes([p]) * 32 not in image for p in PATTERNS)
+    assert qemu_read(kept[-1] / "vda.qcow2", key, tmp_path) == points[-1]
+    verified = backupd(config, "verify", "--vm", "guest1", "--all")
+    assert verified.returncode == 0, verified.stderr
+    # merge --until on what is left: the newest becomes a full
+    merged = backupd(config, "merge", "--vm", "guest1", "--until", ids[4])
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((backups(tmp_path / "repo")[0] / "manifest.json").read_text())["kind"] == (
+        "full"
+    )
+    assert backupd(config, "verify", "--vm", "guest1", "--all").returncode == 0
+
+
+async def test_encrypted_and_plain_vms_share_a_repository(tmp_path: Path, sockdir: Path) -> None:
+    key = make_key(tmp_path)
+    machines = []
+    try:
+        for name in ("secret", "plain"):
+            folder = tmp_path / name
+            folder.mkdir()
+            sockets = sockdir / name
+            sockets.mkdir()
+            machine = QemuVM(folder / "vm", {"vda": 16 * MiB}, sockdir=sockets)
+            machine.workdir.mkdir()
+            await machine.start()
+            machines.append(machine)
+            await machine.write("vda", MiB, MiB, PATTERNS[0])
+        secret, plain = machines
+        config = write_config(
+            tmp_path / "backupd.yaml",
+            tmp_path / "repo",
+            {
+                "secret": {"qmp": str(secret.qmp_path)},
+                "plain": {"qmp": str(plain.qmp_path), "encryption": False},
+            },
+            scratch_dir=str(tmp_path / "scratch"),
+            runtime_dir=str(sockdir),
+            encryption={"key_file": str(key), "iter_time": 0.05},
+        )
+        for name, machine in (("secret", secret), ("plain", plain)):
+            assert backupd(config, "run", "--vm", name).returncode == 0
+            image = next((tmp_path / "repo" / name).glob("*/vda.qcow2")).read_bytes()
+            assert (bytes([PATTERNS[0]]) * 32 in image) == (name == "plain")
+            out = tmp_path / f"{name}.raw"
+            result = backupd(config, "restore", "--vm", name, "--disk", "vda", "--output", str(out))
+            assert result.returncode == 0, result.stderr
+            assert out.read_bytes() == machine.snapshot()["vda"]
+            assert backupd(config, "verify", "--vm", name).returncode == 0
+    finally:
+        for machine in machines:
+            await machine.kill()
+
+
+def test_compress_and_encryption_are_refused(tmp_path: Path) -> None:
+    key = make_key(tmp_path)
+    config = write_config(
+        tmp_path / "backupd.yaml",
+        tmp_path / "repo",
+        {"guest1": {"qmp": "/nonexistent", "compress": True}},
+        encryption={"key_file": str(key)},
+    )
+    result = backupd(config, "list")
+    assert result.returncode == 2
+    assert "compress and encryption do not go together" in result.stderr, result.stderr
