@@ -12,11 +12,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import yaml
 
 import nbdclient
-from backupd.keys import keygen
+from backupd.config import load_config
+from backupd.keys import keygen, vm_key
+from backupd.merge.execute import merge_vm
+from backupd.repository import Repository
 from integration.conftest import MiB, backupd, serving, write_config
 from integration.harness.chain import backups, first_difference
 from integration.harness.vm import QemuVM
@@ -211,8 +213,29 @@ async def test_prune_merges_an_encrypted_chain(
 ) -> None:
     key = make_key(tmp_path)
     config = encrypted_config(config_for, vm, key)
-    points = await encrypted_chain(vm, config, rounds=5)
+    points = await encrypted_chain(vm, config, rounds=6)
     ids = [f.name for f in backups(tmp_path / "repo")]
+    # a gap: the second backup folded up into the third (qemu-img rebase with the key)
+    settings = load_config(config).vm("guest1").encryption
+    with vm_key(settings) as loaded:
+        await merge_vm(
+            Repository(tmp_path / "repo").vm("guest1"),
+            lambda manifests: {m.id for m in manifests} - {ids[1]},
+            purpose="test",
+            report=lambda line: None,
+            key=loaded,
+        )
+    assert json.loads((tmp_path / "repo/guest1" / ids[2] / "manifest.json").read_text())[
+        "parent"
+    ] == ids[0]
+    raw = tmp_path / "gap.raw"
+    result = backupd(
+        config, "restore", "--vm", "guest1", "--backup", ids[2],
+        "--disk", "vda", "--output", str(raw),
+    )  # fmt: skip
+    assert result.returncode == 0 and raw.read_bytes() == points[2], result.stderr
+    assert backupd(config, "verify", "--vm", "guest1", "--all").returncode == 0
+    del ids[1], points[1]
     data = yaml.safe_load(config.read_text())
     data["vms"]["guest1"]["keep_last"] = 2
     config.write_text(yaml.safe_dump(data))
