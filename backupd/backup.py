@@ -39,7 +39,7 @@ from backupd.faults import checkpoint
 from backupd.keys import Key, vm_key
 from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
-from backupd.manifest import Consistency, DiskRecord, Kind, Manifest, VMState
+from backupd.manifest import Consistency, DiskRecord, Manifest, VMState
 from backupd.merge import finish as finish_merge
 from backupd.planning import Mode, Plan, plan_backup
 from backupd.private import private_dir
@@ -211,7 +211,7 @@ class BackupRun:
 
     async def _key_opens_parent(self, plan: Plan) -> Plan:
         """An incremental of an encrypted VM: the key must open the parent's files (every
-        file of a chain has the same key), else a full starts a chain with this key."""
+        file of a chain has the same key); else exit 2 before anything is written."""
         from backupd.qcow2.encryption import WrongKey, unlock_file
 
         assert self.key is not None
@@ -225,12 +225,10 @@ class BackupRun:
                 where = f"backup {parent.id}, disk {disk}"
                 await asyncio.to_thread(unlock_file, checked.fd, self.key.passphrase, where)
             except WrongKey as exc:
-                if self.mode is Mode.INCREMENTAL:
-                    raise EncryptionKeyError(
-                        f"an incremental backup is not possible: {exc}"
-                    ) from None
-                log.warning("%s: %s: a full backup starts a chain with this key", self.vm.name, exc)
-                return Plan(Kind.FULL, f"the key does not open backup {parent.id}", None)
+                raise EncryptionKeyError(
+                    f"{exc}: use the key its chain was written with (backupd rekey changes "
+                    "it), or --full to start a chain with this one"
+                ) from None
             finally:
                 os.close(checked.fd)
         return plan

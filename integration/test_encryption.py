@@ -160,6 +160,7 @@ async def test_wrong_key_flipped_byte_and_rekey(
         ("restore", "--vm", "guest1", "--disk", "vda", "--output", str(out)),
         ("verify", "--vm", "guest1"),
         ("run", "--vm", "guest1", "--incremental"),
+        ("run", "--vm", "guest1"),
     ):
         result = backupd(wrong_config, *args)
         assert result.returncode == 2, (args, result.stderr)
