@@ -11,6 +11,7 @@ parent's keeps recording, so the next run captures every change: nothing is lost
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -21,12 +22,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd.bitmaps import CheckpointNames
+from backupd.chain import check_image
 from backupd.config import Config, VMConfig
 from backupd.copying import copy_disks
-from backupd.errors import BackupFailed, BusyError, QemuError, RepositoryError
+from backupd.errors import (
+    BackupFailed,
+    BusyError,
+    EncryptionKeyError,
+    QemuError,
+    RepositoryError,
+)
 from backupd.faults import checkpoint
+from backupd.keys import Key, vm_key
 from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
 from backupd.manifest import Consistency, DiskRecord, Manifest, VMState
@@ -40,6 +50,9 @@ from backupd.quiesce import freeze_window
 from backupd.repository import Repository, StagedBackup
 from backupd.shield import run_to_completion
 from backupd.sources import Source, open_source
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import KeySpec
 
 log = logging.getLogger("backupd")
 
@@ -108,6 +121,8 @@ class BackupRun:
         self.source: Source | None = None
         self.names = CheckpointNames("")
         self.disks: list[Disk] = []
+        self.key: Key | None = None
+        self.key_spec: KeySpec | None = None  # how this run's files are encrypted
 
     @property
     def monitor(self) -> QemuMonitor:
@@ -118,7 +133,11 @@ class BackupRun:
     async def execute(self) -> Manifest:
         purpose = f"backupd run --vm {self.vm.name}"
         host_lock = host_lock_path(runtime_base(self.config), self.vm.qmp)
-        with self.repo.lock(purpose=purpose), vm_lock(host_lock, self.vm.name, purpose=purpose):
+        with (
+            vm_key(self.vm.encryption) as self.key,  # a bad key file: exit 2, nothing done
+            self.repo.lock(purpose=purpose),
+            vm_lock(host_lock, self.vm.name, purpose=purpose),
+        ):
             checkpoint("after-lock")
             async with self._connected() as source:
                 plan = await self._prepare(source)
@@ -175,9 +194,42 @@ class BackupRun:
         self.disks = await source.disks()
         self.result.disks = [d.name for d in self.disks]
         plan = plan_backup(
-            self.mode, latest, self._chain_length(latest), self.disks, self.vm.max_chain, self.names
+            self.mode,
+            latest,
+            self._chain_length(latest),
+            self.disks,
+            self.vm.max_chain,
+            self.names,
+            encrypted=self.key is not None,
         )
+        if self.key is not None:
+            self.key_spec = await asyncio.to_thread(self.key.spec)
+            plan = await self._key_opens_parent(plan)
         self.result.plan = plan
+        return plan
+
+    async def _key_opens_parent(self, plan: Plan) -> Plan:
+        """An incremental of an encrypted VM: the key must open the parent's files (every
+        file of a chain has the same key); else exit 2 before anything is written."""
+        from backupd.qcow2.encryption import WrongKey, unlock_file
+
+        assert self.key is not None
+        if plan.parent is None:
+            return plan
+        parent = plan.parent
+        grand = self.repo.load(parent.parent) if parent.parent else None
+        for disk in sorted(parent.disks):
+            checked = check_image(self.repo, parent, disk, grand, allow_encryption=True)
+            try:
+                where = f"backup {parent.id}, disk {disk}"
+                await asyncio.to_thread(unlock_file, checked.fd, self.key.passphrase, where)
+            except WrongKey as exc:
+                raise EncryptionKeyError(
+                    f"{exc}: use the key its chain was written with (backupd rekey changes "
+                    "it), or --full to start a chain with this one"
+                ) from None
+            finally:
+                os.close(checked.fd)
         return plan
 
     async def _finish_merge(self) -> None:
@@ -188,7 +240,7 @@ class BackupRun:
 
         try:
             with self.repo.readers(exclusive=True, purpose=f"backupd run --vm {self.vm.name}"):
-                await finish(self.repo)
+                await finish(self.repo, self.key)
         except BusyError as exc:  # a serve or restore reads the VM's backups now
             log.warning("%s: an interrupted merge waits for the next run: %s", self.vm.name, exc)
 
@@ -234,7 +286,7 @@ class BackupRun:
                     await self.hooks.after_point_in_time()
                 try:
                     records = await copy_disks(
-                        exports, staged.path, plan, self.vm, self.progress_mode
+                        exports, staged.path, plan, self.vm, self.progress_mode, self.key_spec
                     )
                 except BackupFailed as exc:
                     # a view that broke because the scratch area filled up: say so

@@ -30,7 +30,7 @@ from backupd.manifest import Manifest
 from backupd.qcow2.inspector import ImageFacts, ImageRefused, inspect_image
 from backupd.repository import VMRepository
 
-#: the hook for encrypted backups: False until backupd writes them (then a per-VM setting)
+#: encrypted files are admitted only for VMs configured with encryption (callers say so)
 ALLOW_ENCRYPTION = False
 
 
@@ -73,6 +73,9 @@ def check_image(
         expected = None if parent is None else f"../{parent.id}/{image_name(disk)}"
         if facts.backing_file != expected:
             raise ImageRefused(f"backing file {facts.backing_file!r} is not {expected!r}")
+        if facts.encrypted != record.encrypted:
+            said = "encrypted" if record.encrypted else "not encrypted"
+            raise ImageRefused(f"the manifest says {said}, the file is not so")
         if (facts.virtual_size, facts.cluster_size) != (record.virtual_size, record.cluster_size):
             raise ImageRefused(
                 f"{facts.virtual_size} bytes in {facts.cluster_size}-byte clusters, but the "
@@ -88,14 +91,17 @@ def check_image(
 
 
 @contextlib.contextmanager
-def checked_chain(repo: VMRepository, backup: Manifest, disk: str) -> Iterator[list[CheckedFile]]:
+def checked_chain(
+    repo: VMRepository, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
+) -> Iterator[list[CheckedFile]]:
     """Every file of ``disk`` from the full to ``backup``, checked and held open until
-    the block ends (ChainError for the first one refused)."""
+    the block ends (ChainError for the first one refused).  ``encrypted``: the VM is
+    configured with encryption, so encrypted files are admitted."""
     files: list[CheckedFile] = []
     try:
         previous: Manifest | None = None
         for manifest in repo.chain(backup.id):
-            files.append(check_image(repo, manifest, disk, previous))
+            files.append(check_image(repo, manifest, disk, previous, allow_encryption=encrypted))
             previous = manifest
         yield files
     finally:
@@ -103,7 +109,9 @@ def checked_chain(repo: VMRepository, backup: Manifest, disk: str) -> Iterator[l
             os.close(checked.fd)
 
 
-def chain_files(repo: VMRepository, backup: Manifest, disk: str) -> list[Path]:
+def chain_files(
+    repo: VMRepository, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
+) -> list[Path]:
     """The paths of ``disk``'s chain from the full to ``backup``, every file checked."""
-    with checked_chain(repo, backup, disk) as files:
+    with checked_chain(repo, backup, disk, encrypted=encrypted) as files:
         return [checked.path for checked in files]

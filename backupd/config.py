@@ -17,6 +17,7 @@ import yaml
 
 from backupd import names
 from backupd.errors import ConfigError
+from backupd.keys import Encryption, parse_encryption
 from nbdclient.constants import DEFAULT_REQUEST_SIZE
 
 
@@ -96,6 +97,8 @@ class VMConfig:
     require_quiesce: bool = False
     #: the disks' image files, for backups while qemu is not running (offline)
     images: tuple[ImageConfig, ...] = ()
+    #: encrypted backups (None: not encrypted)
+    encryption: Encryption | None = None
 
     @property
     def qmp_address(self) -> str | tuple[str, int]:
@@ -190,8 +193,10 @@ SETTINGS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "keep_monthly": (_integer(0), _default(Retention, "keep_monthly")),
 }
 _SETTING_KEYS = set(SETTINGS)
-_TOP_KEYS = {"repository", "scratch_dir", "runtime_dir", "metrics_file", "vms"} | _SETTING_KEYS
-_VM_KEYS = {"qmp", "guest_agent", "disks", "images"} | _SETTING_KEYS
+_TOP_KEYS = {
+    "repository", "scratch_dir", "runtime_dir", "metrics_file", "vms", "encryption"
+} | _SETTING_KEYS  # fmt: skip
+_VM_KEYS = {"qmp", "guest_agent", "disks", "images", "encryption"} | _SETTING_KEYS
 _IMAGE_KEYS = {"path", "format"}
 
 
@@ -346,6 +351,8 @@ def parse_config(data: Any, path: Path) -> Config:
         """A path from the file; a relative one is taken from the file's folder."""
         return (path.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
 
+    encryption = parse_encryption(data, "", None, beside_config)
+
     vms: dict[str, VMConfig] = {}
     for name, vm_data in vms_data.items():
         check_name("VM", str(name))
@@ -365,6 +372,12 @@ def parse_config(data: Any, path: Path) -> Config:
             if len(set(disks)) != len(disks):
                 raise ConfigError(f"vms.{name}.disks names a disk twice")
         s = _settings(vm_data, where, defaults)
+        vm_encryption = parse_encryption(vm_data, where, encryption, beside_config)
+        if vm_encryption is not None and s["compress"]:
+            raise ConfigError(
+                f"vms.{name}: compress and encryption do not go together (qemu stores "
+                "compressed clusters of an encrypted image unencrypted)"
+            )
         vms[str(name)] = VMConfig(
             name=str(name),
             qmp=qmp,
@@ -380,6 +393,7 @@ def parse_config(data: Any, path: Path) -> Config:
             freeze_timeout=s["freeze_timeout"],
             require_quiesce=s["require_quiesce"],
             images=_images(vm_data, str(name), disks, beside_config),
+            encryption=vm_encryption,
         )
 
     return Config(

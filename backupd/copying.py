@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd.config import VMConfig
 from backupd.errors import BackupFailed
@@ -14,6 +15,9 @@ from backupd.progress import Progress, ProgressMode
 from backupd.qemu.fleece import DiskExport
 from backupd.transfer import run_pool, transfer_disk
 
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import KeySpec
+
 
 async def copy_disks(
     exports: list[DiskExport],
@@ -21,6 +25,7 @@ async def copy_disks(
     plan: Plan,
     vm: VMConfig,
     progress_mode: ProgressMode,
+    encryption: KeySpec | None = None,
 ) -> list[DiskRecord]:
     bars: list[Progress] = []
     pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
@@ -52,6 +57,7 @@ async def copy_disks(
             progress=on_progress,
             on_total=on_total,
             pool=pool,
+            encryption=encryption,
         )
 
     try:

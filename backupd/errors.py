@@ -61,6 +61,14 @@ class ConfigError(BackupdError):
     exit_code = ExitCode.USAGE
 
 
+class EncryptionKeyError(BackupdError):
+    """The encryption key cannot be used: its file is missing, unsafe (mode, owner) or
+    not a passphrase qemu takes, or it opens no key slot of a backup.  Nothing was
+    written."""
+
+    exit_code = ExitCode.USAGE
+
+
 class BusyError(BackupdError):
     exit_code = ExitCode.BUSY
 

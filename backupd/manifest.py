@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from backupd.digests import ALGORITHMS, LEGACY
+from backupd.digests import ALGORITHMS, KEYED, LEGACY
 from backupd.errors import RepositoryError
 from backupd.names import is_backup_id, is_name
 
@@ -65,6 +65,8 @@ class DiskRecord:
     digest_algorithm: str = LEGACY
     #: seconds from connecting to the export to the synced file (0 when not recorded)
     copy_seconds: float = 0.0
+    #: a LUKS-encrypted file (its digests are keyed: :data:`backupd.digests.KEYED`)
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +237,9 @@ def _disk(name: str, data: object) -> DiskRecord:
     algorithm = f.text("digest_algorithm", LEGACY)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown digest algorithm {algorithm!r}")
+    encrypted = f.flag("encrypted", False)
+    if encrypted != (algorithm == KEYED):
+        raise ValueError(f"disk {name}: encrypted files have keyed digests, and only they")
     disk_end = -(-virtual_size // cluster_size) * cluster_size
     return DiskRecord(
         name=name,
@@ -250,6 +255,7 @@ def _disk(name: str, data: object) -> DiskRecord:
         digests=_digest_runs(f.get("digests"), disk_end, name),
         digest_algorithm=algorithm,
         copy_seconds=f.seconds("copy_seconds", 0.0),
+        encrypted=encrypted,
     )
 
 

@@ -2,7 +2,8 @@
 
 An incremental is possible when the newest committed backup's bitmap exists on every
 selected disk, is persistent, recording and consistent, the disk set and sizes did not
-change, and the chain is shorter than ``max_chain``.  Otherwise a full, with the reason.
+change, the chain is shorter than ``max_chain`` and encryption was neither turned on nor
+off (every file of a chain is encrypted, or none).  Otherwise a full, with the reason.
 A VM with a raw image (no persistent bitmaps) gets a full every time, and the reason
 says so.
 """
@@ -51,6 +52,7 @@ def _full_reason(
     disks: Sequence[Disk],
     max_chain: int,
     name: str,
+    encrypted: bool = False,
 ) -> str | None:
     raw = [d.name for d in disks if not d.stores_bitmaps]
     if raw:
@@ -65,6 +67,8 @@ def _full_reason(
         return f"the disk set changed (was {','.join(had)}, now {','.join(wanted)})"
     if chain_length is None:
         return f"the chain of backup {latest.id} is broken"
+    if any(record.encrypted != encrypted for record in latest.disks.values()):
+        return f"encryption was turned {'on' if encrypted else 'off'}"
     if chain_length >= max_chain:
         return f"the chain reached max_chain ({max_chain} incrementals)"
     for disk in disks:
@@ -93,6 +97,8 @@ def plan_backup(
     disks: Sequence[Disk],
     max_chain: int,
     names: CheckpointNames,
+    *,
+    encrypted: bool = False,
 ) -> Plan:
     """Decide the kind of the next backup (``chain_length``: incrementals since the full,
     None when the newest backup's chain is broken)."""
@@ -100,7 +106,7 @@ def plan_backup(
     if mode is Mode.FULL:
         return Plan(Kind.FULL, "a full backup was requested", None)
     name = _parent_bitmap(names, latest, disks) if latest is not None else ""
-    reason = _full_reason(latest, chain_length, disks, max_chain, name)
+    reason = _full_reason(latest, chain_length, disks, max_chain, name, encrypted)
     if reason is None:
         assert latest is not None
         return Plan(Kind.INCREMENTAL, f"changes since {latest.id}", latest, name)

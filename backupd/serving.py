@@ -7,6 +7,10 @@ backupd could have written, at its place in the layout, naming exactly its paren
 before qemu is started: the names written in the files are checked, never followed.
 Every option reaches qemu as JSON, never spliced into its comma-separated syntax.
 
+An encrypted VM's files are opened with its key: a ``secret`` object reading the key
+file through backupd's checked descriptor (:mod:`backupd.keys`), named by every node's
+``encrypt.key-secret``.
+
 Over TCP qemu does the TLS: X.509 (``tls-creds-x509`` on the given folder) or a
 pre-shared key (``tls-creds-psk``, which reads ``keys.psk`` in a folder: backupd
 copies the user's key file into a private folder of its own for it).
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backupd.chain import CheckedFile, checked_chain
-from backupd.errors import BackupdError, NotFoundError, UsageError
+from backupd.errors import BackupdError, EncryptionKeyError, NotFoundError, UsageError
+from backupd.keys import SECRET_ID, Key
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
 from backupd.shield import run_to_completion
@@ -72,8 +77,8 @@ def load_psk_file(path: Path) -> bytes:
 def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:
     """The chain of one disk as nested qemu nodes, each file given as the descriptor the
     gate checked (``/dev/fd/N``: a file swapped in the repository after the check is not
-    what qemu opens).  Node names are short (``d<index>-<depth>``): qemu allows 31
-    characters, disk names may be longer."""
+    what qemu opens), encrypted ones with the key's secret.  Node names are short
+    (``d<index>-<depth>``): qemu allows 31 characters, disk names may be longer."""
     node: dict[str, object] | None = None
     for depth, checked in enumerate(files):
         node = {
@@ -83,6 +88,8 @@ def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:
             "file": {"driver": "file", "filename": f"/dev/fd/{checked.fd}", "read-only": True},
             "backing": node if node is not None else None,
         }
+        if checked.facts.encrypted:
+            node["encrypt"] = {"format": "luks", "key-secret": SECRET_ID}
     assert node is not None
     return node
 
@@ -105,8 +112,12 @@ class ServedImage:
         listen: tuple[str, int] | None = None,
         tls_dir: Path | None = None,
         psk_keys: bytes | None = None,
+        key: Key | None = None,
     ) -> None:
+        """``key``: the VM's encryption key (its files are encrypted), open until the
+        image is stopped."""
         self.repo = repo
+        self.key = key
         self.manifest = manifest
         self.disks = disks or sorted(manifest.disks)
         for disk in self.disks:
@@ -178,9 +189,14 @@ class ServedImage:
                 if self.listen is None and self.socket is None:
                     self.socket = self._private_dir() / "nbd.sock"
                 fds: list[int] = []
+                if self.key is not None:
+                    args += ["--object", json.dumps(self.key.qemu_object(SECRET_ID))]
+                    fds.append(self.key.fd)
                 tops: list[str] = []
                 for index, disk in enumerate(self.disks):
-                    files = held.enter_context(checked_chain(self.repo, self.manifest, disk))
+                    files = held.enter_context(
+                        checked_chain(self.repo, self.manifest, disk, encrypted=bool(self.key))
+                    )
                     fds += [checked.fd for checked in files]
                     node = blockdev_for(files, index)
                     args += ["--blockdev", json.dumps(node)]
@@ -232,7 +248,13 @@ class ServedImage:
         if self._drain is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._drain), 2)
-        raise BackupdError(f"cannot serve backup {self.manifest.id}: {self._last_words()}")
+        words = self._last_words()
+        if self.key is not None and "Invalid password" in words:
+            raise EncryptionKeyError(
+                f"the key in {self.key.settings.key_file} does not open backup "
+                f"{self.manifest.id} of vm {self.repo.vm} (qemu: {words})"
+            )
+        raise BackupdError(f"cannot serve backup {self.manifest.id}: {words}")
 
     async def wait(self) -> str:
         """Return when qemu-storage-daemon has exited, with what it said last."""

@@ -13,17 +13,21 @@ buffer of the run's pool, one write per batch in a thread with its hashing) is s
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd.config import Transfer
-from backupd.digests import ALGORITHM
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DiskRecord
 from backupd.qcow2.layout import CLUSTER_SIZE
 from backupd.qcow2.sink import Qcow2Sink
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import KeySpec
 from nbdclient.copy import WRITE_BATCH, BufferPool, Plan, Source, copy
 from nbdclient.copy.plan import Interval, blocks_touched, intersect, subtract
 from nbdclient.extents import MappedExtent
@@ -87,11 +91,18 @@ async def transfer_disk(
     timeout: float = 10.0,
     request_timeout: float = 300.0,
     pool: BufferPool | None = None,
+    encryption: KeySpec | None = None,
 ) -> DiskRecord:
     """Copy one exported disk into a new qcow2 file at ``path`` (removed again on any
     error); ``pool`` gives the buffers (shared by the disks of a run), else the disk
-    gets its own."""
+    gets its own; ``encryption``: the file is LUKS-encrypted (a master key of its own)."""
     started = time.monotonic()
+    # PBKDF2 of the new key slot: in a thread, while the other disks go on
+    image_key = None
+    if encryption is not None:
+        from backupd.qcow2.encryption import ImageKey
+
+        image_key = await asyncio.to_thread(ImageKey.new, encryption)
     async with await Source.open(
         uri, dirty_context=dirty_context, timeout=timeout, request_timeout=request_timeout
     ) as source:
@@ -101,7 +112,12 @@ async def transfer_disk(
         if on_total is not None:
             on_total(plan.read_bytes)
         sink = Qcow2Sink.create(
-            path, size, backing_file=backing_file, digests=True, compress=settings.compress
+            path,
+            size,
+            backing_file=backing_file,
+            digests=True,
+            compress=settings.compress,
+            encryption=image_key,
         )
         stats = await copy(
             source,
@@ -127,6 +143,7 @@ async def transfer_disk(
         zero_extents=len(clusters.zero),
         compressed=settings.compress,
         digests=tuple(sorted(sink.digests, key=lambda d: d.guest_offset)),
-        digest_algorithm=ALGORITHM,
+        digest_algorithm=sink.digest_algorithm,
         copy_seconds=round(seconds, 4),
+        encrypted=image_key is not None,
     )

@@ -6,6 +6,11 @@ parent) and ``qemu-img check`` (on the checked file itself, without its backing 
 Content: every digest recorded at backup time is recomputed from the stored bytes, so a
 single flipped byte in any data cluster is found and reported with backup id, disk and
 guest offset.  A run that lies past the end of the file is reported as missing data.
+
+Encrypted backups need the VM's key: each file is unlocked with it (a key that opens
+no key slot is exit 2, not damage), ``qemu-img check`` gets it as a secret, and every
+run is decrypted and its keyed digest of the plaintext recomputed, so a flipped byte of
+ciphertext is found like any other.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiofiles
 
 from backupd.chain import CheckedFile, checked_chain
 from backupd.digests import hasher
-from backupd.errors import BackupdError, NotFoundError
+from backupd.errors import BackupdError, EncryptionKeyError, NotFoundError
+from backupd.keys import SECRET_ID, Key
 from backupd.manifest import Manifest
 from backupd.repository import VMRepository
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import ImageKey
 
 #: digests are computed over pieces of at most this size (a run's length is untrusted)
 PIECE = 4 << 20
@@ -40,27 +50,32 @@ class Report:
         return not self.problems
 
 
-def _image_opts(fd: int) -> str:
+def _image_opts(fd: int, encrypted: bool) -> str:
     """The checked file as qemu sees it: by descriptor, with no backing file (the chain
     was checked by the gate; qemu-img check needs only this file's metadata)."""
-    spec = {
+    spec: dict[str, object] = {
         "driver": "qcow2",
         "backing": None,
         "file": {"driver": "file", "filename": f"/dev/fd/{fd}"},
     }
+    if encrypted:
+        spec["encrypt"] = {"format": "luks", "key-secret": SECRET_ID}
     return "json:" + json.dumps(spec)
 
 
-async def _qemu_img_check(checked: CheckedFile) -> str | None:
+async def _qemu_img_check(checked: CheckedFile, key: Key | None) -> str | None:
+    encrypted = checked.facts.encrypted and key is not None
+    secret = ["--object", key.qemu_object_arg(SECRET_ID)] if encrypted and key else []
     proc = await asyncio.create_subprocess_exec(
         "qemu-img",
         "check",
+        *secret,
         "-U",
         "--output=json",
-        _image_opts(checked.fd),
+        _image_opts(checked.fd, encrypted),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        pass_fds=(checked.fd,),
+        pass_fds=(checked.fd, key.fd) if encrypted and key else (checked.fd,),
     )
     out, err = await proc.communicate()
     if proc.returncode == 0:
@@ -74,12 +89,27 @@ async def _qemu_img_check(checked: CheckedFile) -> str | None:
         return "qemu-img check: " + (lines[-1] if lines else f"exit {proc.returncode}")
 
 
+def _plaintext(image_key: ImageKey | None, piece: bytes, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``piece`` (read at ``offset``), decrypted when encrypted."""
+    if image_key is None:
+        return piece[:length]
+    sectors = bytearray(piece) + bytes(-len(piece) % 512)
+    image_key.cipher.decrypt(sectors, offset)
+    return bytes(sectors[:length])
+
+
 async def _check_digests(
-    checked: CheckedFile, manifest: Manifest, disk: str, report: Report
+    checked: CheckedFile,
+    manifest: Manifest,
+    disk: str,
+    report: Report,
+    image_key: ImageKey | None = None,
 ) -> None:
-    """Re-hash every stored run (reads through aiofiles, hashing in a thread)."""
+    """Re-hash every stored run (reads through aiofiles, decrypting and hashing in a
+    thread)."""
     record = manifest.disks[disk]
     size = checked.facts.file_size
+    digest_key = image_key.digest_key if image_key is not None else None
     async with aiofiles.open(checked.fd, "rb", closefd=False) as f:
         for run in record.digests:
             if run.host_offset + run.length > size:
@@ -89,15 +119,19 @@ async def _check_digests(
                 )
                 return
             await f.seek(run.host_offset)
-            digest = hasher(record.digest_algorithm)
+            digest = hasher(record.digest_algorithm, digest_key)
             left = run.length
             while left:
-                piece = await f.read(min(left, PIECE))
+                # encrypted: whole sectors (the cluster holding a run's end is the file's)
+                want = min(left, PIECE)
+                piece = await f.read(want if image_key is None else -(-want // 512) * 512)
                 if not piece:
                     break
-                await asyncio.to_thread(digest.update, piece)
-                left -= len(piece)
-                report.bytes += len(piece)
+                offset = run.host_offset + run.length - left
+                data = await asyncio.to_thread(_plaintext, image_key, piece, offset, want)
+                await asyncio.to_thread(digest.update, data)
+                left -= len(data)
+                report.bytes += len(data)
             report.digests += 1
             if left or digest.hexdigest() != run.digest:
                 report.problems.append(
@@ -106,7 +140,20 @@ async def _check_digests(
                 )
 
 
-async def verify_backup(repo: VMRepository, backup: str) -> Report:
+async def _unlock(checked: CheckedFile, key: Key | None, where: str) -> ImageKey | None:
+    """The key of an encrypted file (EncryptionKeyError when the key does not open it)."""
+    if not checked.facts.encrypted or key is None:
+        return None
+    from backupd.qcow2.encryption import WrongKey, unlock_file
+
+    try:
+        return await asyncio.to_thread(unlock_file, checked.fd, key.passphrase, where)
+    except WrongKey as exc:
+        raise EncryptionKeyError(f"{exc}: {key.settings.key_file}") from None
+
+
+async def verify_backup(repo: VMRepository, backup: str, key: Key | None = None) -> Report:
+    """Verify one backup (``key``: the VM's encryption key, when it is encrypted)."""
     report = Report(backup)
     try:
         manifest = repo.load(backup)
@@ -118,11 +165,15 @@ async def verify_backup(repo: VMRepository, backup: str) -> Report:
         return report
     for disk in sorted(manifest.disks):
         try:
-            with checked_chain(repo, manifest, disk) as files:
-                problem = await _qemu_img_check(files[-1])
+            with checked_chain(repo, manifest, disk, encrypted=key is not None) as files:
+                where = f"backup {backup} of vm {repo.vm}, disk {disk}"
+                image_key = await _unlock(files[-1], key, where)
+                problem = await _qemu_img_check(files[-1], key)
                 if problem is not None:
                     report.problems.append(f"backup {backup} disk {disk}: {problem}")
-                await _check_digests(files[-1], manifest, disk, report)
+                await _check_digests(files[-1], manifest, disk, report, image_key)
+        except EncryptionKeyError:
+            raise  # not damage: the wrong key (exit 2)
         except BackupdError as exc:
             report.problems.append(str(exc))
     return report

@@ -27,6 +27,8 @@ VERBS = {
     "verify": "verify backups (structure and stored data)",
     "prune": "keep what the retention policy selects; merge or remove the rest",
     "merge": "fold the backups older than one into it (it becomes a full)",
+    "keygen": "create a key file for encrypted backups",
+    "rekey": "give every encrypted backup of a VM a new key (no data re-encrypted)",
 }
 
 

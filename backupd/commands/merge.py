@@ -7,6 +7,7 @@ import asyncio
 
 from backupd.commands import CommandContext
 from backupd.errors import NotFoundError
+from backupd.keys import vm_key
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = Repository(config.repository).vm(vm.name)
 
     def until(manifests: list[Manifest]) -> set[str]:
         by_id = {m.id: m for m in manifests}
@@ -45,7 +47,10 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
             parent = by_id[parent].parent
         return set(by_id) - older
 
-    asyncio.run(
-        merge_vm(repo, until, purpose=f"backupd merge --vm {repo.vm}", dry_run=args.dry_run)
-    )
+    with vm_key(vm.encryption) as key:
+        asyncio.run(
+            merge_vm(
+                repo, until, purpose=f"backupd merge --vm {repo.vm}", dry_run=args.dry_run, key=key
+            )
+        )
     return 0

@@ -9,6 +9,7 @@ import logging
 from backupd.commands import CommandContext
 from backupd.config import Config, VMConfig
 from backupd.errors import BackupdError, UsageError
+from backupd.keys import vm_key
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
@@ -78,11 +79,13 @@ async def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> in
     def policy(manifests: list[Manifest]) -> set[str]:
         return set(select([m.id for m in manifests], vm.retention))
 
-    await merge_vm(
-        Repository(config.repository).vm(vm.name),
-        policy,
-        purpose=f"backupd prune --vm {vm.name}",
-        dry_run=dry_run,
-        report=print if dry_run or not quiet else _silent,
-    )
+    with vm_key(vm.encryption) as key:
+        await merge_vm(
+            Repository(config.repository).vm(vm.name),
+            policy,
+            purpose=f"backupd prune --vm {vm.name}",
+            dry_run=dry_run,
+            report=print if dry_run or not quiet else _silent,
+            key=key,
+        )
     return 0

@@ -13,6 +13,7 @@ from backupd.commands import CommandContext
 from backupd.config import ImageFormat
 from backupd.errors import UsageError
 from backupd.interrupt import Interrupt, run_interruptible
+from backupd.keys import vm_key
 from backupd.logs import human_bytes
 from backupd.progress import Progress, ProgressMode, progress_mode
 from backupd.repository import Repository
@@ -98,7 +99,8 @@ async def _restore(args: argparse.Namespace, context: CommandContext, interrupt:
     if args.target_qmp is not None or args.resume or args.speed is not None:
         raise UsageError("--target-qmp, --resume and --speed go with --live")
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = Repository(config.repository).vm(vm.name)
     if args.output is not None:
         check_output(args.output, args.force)
     if args.to is not None:
@@ -109,9 +111,9 @@ async def _restore(args: argparse.Namespace, context: CommandContext, interrupt:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     started = time.monotonic()
-    with repo.readers(purpose=f"backupd restore --vm {args.vm}"):
+    with vm_key(vm.encryption) as key, repo.readers(purpose=f"backupd restore --vm {args.vm}"):
         manifest = repo.resolve(args.backup)
-        async with ServedImage(repo, manifest, [args.disk]) as (disk,):
+        async with ServedImage(repo, manifest, [args.disk], key=key) as (disk,):
             mode = progress_mode(context.quiet)
             bar = (
                 Progress(f"{repo.vm}/{disk.name}", disk.size, mode=mode)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backupd.commands import CommandContext
 from backupd.errors import BackupdError, UsageError
+from backupd.keys import vm_key
 from backupd.repository import Repository
 from backupd.serving import ServedImage, load_psk_file
 
@@ -70,7 +71,8 @@ def _listen(text: str | None) -> tuple[str, int] | None:
 
 async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = Repository(config.repository).vm(vm.name)
     listen = _listen(args.listen)
     tls = args.tls_dir is not None or args.tls_psk_file is not None
     if listen is None and tls:
@@ -80,7 +82,7 @@ async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
             "serving over TCP needs --tls-dir or --tls-psk-file (or --insecure-plaintext)"
         )
     psk_keys = load_psk_file(args.tls_psk_file) if args.tls_psk_file is not None else None
-    with repo.readers(purpose=f"backupd serve --vm {args.vm}"):
+    with vm_key(vm.encryption) as key, repo.readers(purpose=f"backupd serve --vm {args.vm}"):
         manifest = repo.resolve(args.backup)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -93,6 +95,7 @@ async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
             listen=listen,
             tls_dir=args.tls_dir,
             psk_keys=psk_keys,
+            key=key,
         )
         async with image as disks:
             print(

@@ -8,6 +8,7 @@ import logging
 
 from backupd.commands import CommandContext
 from backupd.errors import ExitCode, NotFoundError, RepositoryError
+from backupd.keys import vm_key
 from backupd.logs import human_bytes
 from backupd.repository import Repository, VMRepository
 from backupd.verify import verify_backup
@@ -53,12 +54,13 @@ def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
 
 async def _verify(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = Repository(config.repository).vm(vm.name)
     damaged: list[str] = []
-    with repo.readers(purpose=f"backupd verify --vm {args.vm}"):
+    with vm_key(vm.encryption) as key, repo.readers(purpose=f"backupd verify --vm {args.vm}"):
         ids = _targets(repo, args)
         for backup in ids:
-            report = await verify_backup(repo, backup)
+            report = await verify_backup(repo, backup, key)
             if not report.ok:
                 damaged.append(backup)
                 for problem in report.problems:

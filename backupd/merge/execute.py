@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from backupd.errors import RepositoryError
 from backupd.faults import checkpoint
+from backupd.keys import Key
 from backupd.logs import human_bytes
 from backupd.manifest import Manifest
 from backupd.merge.fold import check_fold, exchange, fold
@@ -27,35 +28,37 @@ from backupd.repository import VMRepository
 log = logging.getLogger("backupd.merge")
 
 
-async def apply(repo: VMRepository, plan: MergePlan) -> None:
+async def apply(repo: VMRepository, plan: MergePlan, key: Key | None = None) -> None:
     """Fold and remove as planned (the caller holds the VM's lock and its readers' lock
-    exclusively)."""
+    exclusively; ``key``: the VM's encryption key, when it has one)."""
     if not plan.changes:
         return
     for what in plan.folds:  # a file the gate refuses stops the merge before it starts
-        check_fold(repo, what)
+        check_fold(repo, what, key)
     journal = Journal(plan)
     write_journal(repo, journal)
     checkpoint("merge-after-journal")
-    await _carry_on(repo, journal)
+    await _carry_on(repo, journal, key=key)
 
 
-async def finish(repo: VMRepository) -> bool:
+async def finish(repo: VMRepository, key: Key | None = None) -> bool:
     """Complete a merge a kill interrupted, if there is one (same locks as :func:`apply`)."""
     journal = read_journal(repo)
     if journal is None:
         return False
     log.warning("%s: finishing a merge that was interrupted", repo.vm)
-    await _carry_on(repo, journal, resumed=True)
+    await _carry_on(repo, journal, resumed=True, key=key)
     return True
 
 
-async def _carry_on(repo: VMRepository, journal: Journal, resumed: bool = False) -> None:
+async def _carry_on(
+    repo: VMRepository, journal: Journal, resumed: bool = False, key: Key | None = None
+) -> None:
     plan = journal.plan
     while (index := journal.current) is not None:
         what = plan.folds[index]
         if journal.state is not State.SWAP:
-            result = await fold(repo, what, resumed)
+            result = await fold(repo, what, resumed, key)
             kind = "a full" if what.direction is Direction.DOWN else f"on {what.parent}"
             log.info(
                 "%s: merged %s into %s (now %s): %s merged, %.2f s",
@@ -108,6 +111,7 @@ async def merge_vm(
     purpose: str,
     dry_run: bool = False,
     report: Callable[[str], object] = print,
+    key: Key | None = None,
 ) -> MergePlan:
     """Under the VM's locks: finish an interrupted merge, keep what ``choose`` selects
     of the backups, fold or remove the rest; ``report`` gets one line per backup."""
@@ -117,7 +121,7 @@ async def merge_vm(
                 raise RepositoryError(
                     f"vm {repo.vm}: a merge was interrupted; run without --dry-run to finish it"
                 )
-            await finish(repo)
+            await finish(repo, key)
         try:
             manifests = repo.backups()
         except RepositoryError as exc:
@@ -138,5 +142,5 @@ async def merge_vm(
                 action = f"would {action}"
             report(f"{repo.vm}: {manifest.id}  {action}")
         if not dry_run:
-            await apply(repo, plan)
+            await apply(repo, plan, key)
         return plan

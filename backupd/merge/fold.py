@@ -35,17 +35,22 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from backupd.chain import check_image, checked_chain, image_name
-from backupd.errors import RepositoryError
+from backupd.chain import CheckedFile, check_image, checked_chain, image_name
+from backupd.errors import EncryptionKeyError, RepositoryError
 from backupd.faults import checkpoint
+from backupd.keys import Key
 from backupd.manifest import DiskRecord, Kind, Manifest
-from backupd.merge import records
+from backupd.merge import opening, records
 from backupd.merge.plan import Direction, Fold
 from backupd.qcow2 import layout
 from backupd.qcow2.inspector import ImageRefused, inspect_image
 from backupd.qemu.tools import qemu_img
 from backupd.repository import MANIFEST, VMRepository
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import ImageKey
 
 log = logging.getLogger("backupd.merge")
 
@@ -60,10 +65,10 @@ class FoldResult:
     seconds: float
 
 
-def _backing(repo: VMRepository, backup: str, disk: str) -> str | None:
+def _backing(repo: VMRepository, backup: str, disk: str, key: Key | None) -> str | None:
     fd = repo.open_file(backup, image_name(disk))
     try:
-        return inspect_image(fd, allow_encryption=False).backing_file
+        return inspect_image(fd, allow_encryption=key is not None).backing_file
     except ImageRefused:
         return _raw_backing(fd)  # qemu's header form, before it is rewritten
     finally:
@@ -76,10 +81,14 @@ def _raw_backing(fd: int) -> str | None:
     return os.pread(fd, length, offset).decode() if offset else None
 
 
-def canonical_header(repo: VMRepository, backup: str, disk: str) -> None:
+def canonical_header(
+    repo: VMRepository, backup: str, disk: str, backing_name: str | None = None
+) -> None:
     """Rewrite a file's header in backupd's own form (the fields qemu left, the backing
-    format extension, the backing name; nothing else), in place and durably.  The whole
-    new header lies in the first sector, so even a torn write leaves a valid image."""
+    format extension, the encryption extension, the backing name -- ``backing_name``
+    instead of the one in the file when given; nothing else), in place and durably.
+    The whole new header lies in the first sector, so even a torn write leaves a valid
+    image."""
     folder = repo.folder(backup)
     try:
         fd = os.open(image_name(disk), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
@@ -89,7 +98,8 @@ def canonical_header(repo: VMRepository, backup: str, disk: str) -> None:
         head = os.pread(fd, layout.HEADER_LENGTH, 0)
         fields = layout.HEADER.unpack(head)
         cluster_bits = int(fields[4])
-        backing = _raw_backing(fd)
+        backing = backing_name or _raw_backing(fd)
+        old = os.pread(fd, 1 << cluster_bits, 0)
         header = layout.encode_header(
             cluster_bits=cluster_bits,
             size=int(fields[5]),
@@ -99,8 +109,8 @@ def canonical_header(repo: VMRepository, backup: str, disk: str) -> None:
             refcount_table_clusters=int(fields[10]),
             backing_file=backing,
             backing_format="qcow2" if backing else None,
+            encryption=layout.fde_extension(old) if fields[6] == layout.CRYPT_LUKS else None,
         )
-        old = os.pread(fd, 1 << cluster_bits, 0)
         if old.startswith(header) and not old[len(header) :].strip(b"\0"):
             return  # already ours
         used = len(old.rstrip(b"\0"))
@@ -110,13 +120,73 @@ def canonical_header(repo: VMRepository, backup: str, disk: str) -> None:
         os.close(fd)
 
 
-async def _after_qemu(repo: VMRepository, backup: str, disk: str, resumed: bool) -> None:
+async def _after_qemu(
+    repo: VMRepository,
+    backup: str,
+    disk: str,
+    resumed: bool,
+    key: Key | None = None,
+    backing: tuple[str, int] | None = None,
+) -> None:
     """What qemu-img leaves to tidy: a header of qemu's form, and (after a qemu-img that a
-    kill interrupted, which only a resumed merge can meet) leaked clusters."""
+    kill interrupted, which only a resumed merge can meet) leaked clusters.  ``backing``:
+    the file's backing name and the files below it (an encrypted rebase left a
+    ``json:`` name in the header)."""
     if resumed:
         path = f"{backup}/{image_name(disk)}"
-        await qemu_img("check", "-q", "-r", "leaks", "-f", "qcow2", path, cwd=repo.path)
-    canonical_header(repo, backup, disk)
+        below = backing[1] if backing else 0
+        await qemu_img(
+            "check", "-q", "-r", "leaks", *opening.secret_args(key),
+            *opening.image_args(path, below, key), cwd=repo.path, pass_fds=opening.fds(key),
+        )  # fmt: skip
+    canonical_header(repo, backup, disk, backing[0] if backing else None)
+
+
+async def _commit(repo: VMRepository, files: list[CheckedFile], disk: str, key: Key | None) -> None:
+    """Every file above the chain's full (``files``) committed into it: in one
+    ``commit -b`` when plain, one level at a time (top down) when encrypted."""
+    top = f"{files[-1].backup}/{image_name(disk)}"
+    if key is None:
+        base = f"../{files[0].backup}/{image_name(disk)}"
+        await qemu_img("commit", "-q", "-f", "qcow2", "-d", "-b", base, top, cwd=repo.path)
+        return
+    for below in range(len(files) - 1, 0, -1):  # each into its own backing file
+        path = f"{files[below].backup}/{image_name(disk)}"
+        await qemu_img(
+            "commit", "-q", "-d", *opening.secret_args(key),
+            *opening.image_args(path, below, key), cwd=repo.path, pass_fds=opening.fds(key),
+        )  # fmt: skip
+
+
+async def _rebase(
+    repo: VMRepository,
+    files: list[CheckedFile],
+    lower: list[CheckedFile],
+    disk: str,
+    key: Key | None,
+) -> None:
+    """The target (top of ``files``) rebased onto the top of ``lower``."""
+    target = f"{files[-1].backup}/{image_name(disk)}"
+    if key is None:
+        new_backing = f"../{lower[-1].backup}/{image_name(disk)}"
+        await qemu_img(
+            "rebase", "-q", "-f", "qcow2", "-b", new_backing, "-F", "qcow2", target, cwd=repo.path
+        )
+        return
+    spec = opening.backing_spec(f"{lower[-1].backup}/{image_name(disk)}", len(lower) - 1)
+    await qemu_img(
+        "rebase", "-q", *opening.secret_args(key), "-b", spec, "-F", "qcow2",
+        *opening.image_args(target, len(files) - 1, key), cwd=repo.path, pass_fds=opening.fds(key),
+    )  # fmt: skip
+
+
+def _file_key(fd: int, key: Key | None, where: str) -> ImageKey | None:
+    """The master key of an encrypted file the fold changed (its new digests)."""
+    if key is None:
+        return None
+    from backupd.qcow2.encryption import unlock_file
+
+    return unlock_file(fd, key.passphrase, where)
 
 
 def _write_new_manifest(repo: VMRepository, manifest: Manifest) -> None:
@@ -146,7 +216,9 @@ def _stamp(reason: str, fold: Fold) -> str:
     return f"{reason}; {what} merged in on {day}"
 
 
-async def fold_down(repo: VMRepository, fold: Fold, resumed: bool = False) -> FoldResult:
+async def fold_down(
+    repo: VMRepository, fold: Fold, resumed: bool = False, key: Key | None = None
+) -> FoldResult:
     """Commit the folded backups and the target into the chain's full; write the target's
     manifest as a full (``manifest.json.new``)."""
     started = dt.datetime.now(dt.UTC)
@@ -154,24 +226,24 @@ async def fold_down(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fo
     disks: dict[str, DiskRecord] = {}
     merged = 0
     for disk in sorted(target.disks):
-        with checked_chain(repo, target, disk) as files:  # the gate, before qemu opens them
+        # the gate, before qemu opens them
+        with checked_chain(repo, target, disk, encrypted=key is not None) as files:
             if files[0].backup != full.id:
                 raise RepositoryError(f"backup {target.id} is not built on {full.id}")
             touched: set[int] = set()
             for checked in files[1:]:
                 touched |= records.held_clusters(checked.fd)
-        merged += len(touched) * target.disks[disk].cluster_size
-        base = f"../{full.id}/{image_name(disk)}"
-        await qemu_img(
-            "commit", "-q", "-f", "qcow2", "-d", "-b", base,
-            f"{target.id}/{image_name(disk)}", cwd=repo.path,
-        )  # fmt: skip
-        await _after_qemu(repo, full.id, disk, resumed)
+            merged += len(touched) * target.disks[disk].cluster_size
+            await _commit(repo, files, disk, key)
+        await _after_qemu(repo, full.id, disk, resumed, key)
         checkpoint("merge-after-qemu-img")
         fd = repo.open_file(full.id, image_name(disk))
         try:
             os.fsync(fd)
-            disks[disk] = records.after_down(fd, full.disks[disk], target.disks[disk], touched)
+            file_key = _file_key(fd, key, f"backup {full.id}, disk {disk}")
+            disks[disk] = records.after_down(
+                fd, full.disks[disk], target.disks[disk], touched, file_key
+            )
         finally:
             os.close(fd)
     manifest = dataclasses.replace(
@@ -182,7 +254,9 @@ async def fold_down(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fo
     return FoldResult(manifest, merged, seconds)
 
 
-async def fold_up(repo: VMRepository, fold: Fold, resumed: bool = False) -> FoldResult:
+async def fold_up(
+    repo: VMRepository, fold: Fold, resumed: bool = False, key: Key | None = None
+) -> FoldResult:
     """Rebase the target onto the kept backup below the folded ones; write its manifest
     with that parent (``manifest.json.new``)."""
     assert fold.parent is not None
@@ -192,21 +266,21 @@ async def fold_up(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fold
     merged = 0
     for disk in sorted(target.disks):
         new_backing = f"../{lower.id}/{image_name(disk)}"
-        if _backing(repo, target.id, disk) != new_backing:  # not rebased yet
-            with checked_chain(repo, target, disk) as files:
-                held = [records.held_clusters(c.fd) for c in files if c.backup in fold.folded]
-            merged += len(set().union(*held)) * target.disks[disk].cluster_size
-            await qemu_img(
-                "rebase", "-q", "-f", "qcow2", "-b", new_backing, "-F", "qcow2",
-                f"{target.id}/{image_name(disk)}", cwd=repo.path,
-            )  # fmt: skip
-        await _after_qemu(repo, target.id, disk, resumed)
+        encrypted = key is not None
+        with checked_chain(repo, lower, disk, encrypted=encrypted) as below:
+            if _backing(repo, target.id, disk, key) != new_backing:  # not rebased yet
+                with checked_chain(repo, target, disk, encrypted=encrypted) as files:
+                    held = [records.held_clusters(c.fd) for c in files if c.backup in fold.folded]
+                    merged += len(set().union(*held)) * target.disks[disk].cluster_size
+                    await _rebase(repo, files, below, disk, key)
+            await _after_qemu(repo, target.id, disk, resumed, key, (new_backing, len(below)))
         checkpoint("merge-after-qemu-img")
-        with checked_chain(repo, lower, disk):  # the new chain passes the gate
-            checked = check_image(repo, target, disk, lower)
+        with checked_chain(repo, lower, disk, encrypted=encrypted):  # the new chain passes
+            checked = check_image(repo, target, disk, lower, allow_encryption=encrypted)
         try:
             os.fsync(checked.fd)
-            disks[disk] = records.after_up(checked.fd, target.disks[disk])
+            file_key = _file_key(checked.fd, key, f"backup {target.id}, disk {disk}")
+            disks[disk] = records.after_up(checked.fd, target.disks[disk], file_key)
         finally:
             os.close(checked.fd)
     manifest = dataclasses.replace(
@@ -217,19 +291,27 @@ async def fold_up(repo: VMRepository, fold: Fold, resumed: bool = False) -> Fold
     return FoldResult(manifest, merged, seconds)
 
 
-def check_fold(repo: VMRepository, what: Fold) -> None:
-    """Pass every file the fold will hand to qemu through the gate, before anything
-    changes (ChainError: nothing is merged)."""
+def check_fold(repo: VMRepository, what: Fold, key: Key | None = None) -> None:
+    """Pass every file the fold will hand to qemu through the gate, and (encrypted)
+    check that the key opens it, before anything changes (nothing is merged)."""
     target = repo.load(what.target)
     for disk in sorted(target.disks):
-        with checked_chain(repo, target, disk):
-            pass
+        with checked_chain(repo, target, disk, encrypted=key is not None) as files:
+            for checked in files if key is not None else ():
+                where = f"backup {checked.backup} of vm {repo.vm}, disk {disk}"
+                try:
+                    _file_key(checked.fd, key, where)
+                except ValueError as exc:  # WrongKey, or a LUKS header refused
+                    raise EncryptionKeyError(f"nothing merged: {exc}") from None
 
 
-async def fold(repo: VMRepository, what: Fold, resumed: bool = False) -> FoldResult:
-    """Fold ``what`` (``resumed``: a kill may have interrupted it before)."""
+async def fold(
+    repo: VMRepository, what: Fold, resumed: bool = False, key: Key | None = None
+) -> FoldResult:
+    """Fold ``what`` (``resumed``: a kill may have interrupted it before; ``key``: the
+    VM's encryption key, its files are encrypted)."""
     step = fold_down if what.direction is Direction.DOWN else fold_up
-    return await step(repo, what, resumed)
+    return await step(repo, what, resumed, key)
 
 
 def exchange(repo: VMRepository, what: Fold) -> None:

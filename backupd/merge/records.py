@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from backupd.digests import hasher
 from backupd.manifest import DigestRun, DiskRecord
 from backupd.qcow2 import layout
 from backupd.qcow2.inspector import OFFSET_MASK
 from backupd.qcow2.mapping import Cluster, ClusterMap, Kind
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import ImageKey
 
 #: new runs are hashed in pieces of at most this size
 RUN = 4 << 20
@@ -46,19 +50,28 @@ def _still_exact(run: DigestRun, mapping: ClusterMap, touched: set[int]) -> bool
     )
 
 
-def _hash(fd: int, offset: int, length: int, algorithm: str) -> str:
-    digest = hasher(algorithm)
+def _hash(fd: int, offset: int, length: int, algorithm: str, key: ImageKey | None) -> str:
+    """The digest of ``length`` stored bytes at ``offset`` (of their plaintext, keyed,
+    in an encrypted file: whole sectors are read and decrypted)."""
+    digest = hasher(algorithm, key.digest_key if key is not None else None)
     done = 0
     while done < length:
-        piece = os.pread(fd, min(RUN, length - done), offset + done)
-        if not piece:
+        want = min(RUN, length - done)
+        piece = os.pread(fd, want if key is None else -(-want // 512) * 512, offset + done)
+        if len(piece) < want:
             raise OSError(f"short read at {offset + done}")
+        if key is not None:
+            sectors = bytearray(piece)
+            key.cipher.decrypt(sectors, offset + done)
+            piece = bytes(sectors[:want])
         digest.update(piece)
         done += len(piece)
     return digest.hexdigest()
 
 
-def _new_runs(mapping: ClusterMap, clusters: Iterable[Cluster], algorithm: str) -> list[DigestRun]:
+def _new_runs(
+    mapping: ClusterMap, clusters: Iterable[Cluster], algorithm: str, key: ImageKey | None
+) -> list[DigestRun]:
     """Runs over ``clusters`` as they lie in the file: data clusters adjacent in the guest
     and on the host form one run (at most :data:`RUN`), a compressed one its own run."""
     size, virtual = mapping.cluster_size, mapping.virtual_size
@@ -85,7 +98,7 @@ def _new_runs(mapping: ClusterMap, clusters: Iterable[Cluster], algorithm: str) 
         else:
             spans.append((cluster.host, length, guest))
     return [
-        DigestRun(host, length, guest, _hash(mapping.fd, host, length, algorithm))
+        DigestRun(host, length, guest, _hash(mapping.fd, host, length, algorithm, key))
         for host, length, guest in spans
     ]
 
@@ -96,28 +109,33 @@ def _record(base: DiskRecord, target: DiskRecord, runs: list[DigestRun]) -> Disk
         target,
         digests=tuple(runs),
         digest_algorithm=base.digest_algorithm,
+        encrypted=base.encrypted,
         bytes_stored=sum(r.length for r in runs),
         data_extents=len(runs),
         compressed=base.compressed or target.compressed,
     )
 
 
-def after_down(fd: int, full: DiskRecord, target: DiskRecord, touched: set[int]) -> DiskRecord:
+def after_down(
+    fd: int, full: DiskRecord, target: DiskRecord, touched: set[int], key: ImageKey | None = None
+) -> DiskRecord:
     """The record of the full's file, now holding ``target``'s point, after the folded
-    backups' clusters ``touched`` were committed into it."""
+    backups' clusters ``touched`` were committed into it (``key``: the file's key, when
+    it is encrypted; its digests stay keyed with it)."""
     mapping = ClusterMap(fd)
     kept = [run for run in full.digests if _still_exact(run, mapping, touched)]
-    fresh = _new_runs(mapping, (mapping.lookup(c) for c in touched), full.digest_algorithm)
+    touched_clusters = (mapping.lookup(c) for c in touched)
+    fresh = _new_runs(mapping, touched_clusters, full.digest_algorithm, key)
     return _record(full, target, kept + fresh)
 
 
-def after_up(fd: int, target: DiskRecord) -> DiskRecord:
+def after_up(fd: int, target: DiskRecord, key: ImageKey | None = None) -> DiskRecord:
     """The record of ``target``'s file after it gained what the folded backups held."""
     mapping = ClusterMap(fd)
     kept = [run for run in target.digests if _still_exact(run, mapping, set())]
     covered = {c for run in kept for c in _guest_clusters(run, mapping.cluster_size)}
     gained = [c for c in mapping.held() if c.index not in covered]
-    fresh = _new_runs(mapping, gained, target.digest_algorithm)
+    fresh = _new_runs(mapping, gained, target.digest_algorithm, key)
     return _record(target, target, kept + fresh)
 
 

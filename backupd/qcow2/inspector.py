@@ -11,9 +11,12 @@ produces (docs/interop/qcow2.txt):
   cluster size 512 B .. 2 MiB (the writer's range), compression type zlib;
 - no incompatible, compatible or autoclear feature bit (the writer sets none: no dirty
   or corrupt bit, no external data file, no extended L2, no lazy refcounts, no bitmaps);
-- no encryption (``allow_encryption`` is the hook for encrypted backups: it admits
-  LUKS, crypt method 2, and its header extension, and is False until backupd writes
-  encrypted images);
+- no encryption, unless ``allow_encryption`` (a VM configured with encryption): then
+  also LUKS (crypt method 2) with its header extension, whose region lies inside the
+  file, cluster aligned, after the header, and starts with a LUKS header backupd would
+  have written (:func:`backupd.qcow2.luks.parse`: aes-xts-plain64, slots where qemu
+  puts them, bounded PBKDF2 iterations), and no compressed cluster (qemu keeps those
+  unencrypted);
 - no header extension but the backing format (``qcow2`` only, exactly when there is a
   backing file), then the end marker, all inside cluster 0, followed by the backing
   file name;
@@ -35,14 +38,12 @@ import sys
 from dataclasses import dataclass
 from typing import Final
 
-from backupd.qcow2 import layout
+from backupd.qcow2 import layout, luks
 
-#: crypt methods (header field crypt_method)
-CRYPT_NONE: Final = 0
-CRYPT_LUKS: Final = 2
-#: header extensions backupd reads or may one day write
-EXT_FULL_DISK_ENCRYPTION: Final = 0x0537BE77
-EXT_FDE: Final = struct.Struct(">QQ")
+CRYPT_NONE: Final = layout.CRYPT_NONE
+CRYPT_LUKS: Final = layout.CRYPT_LUKS
+EXT_FULL_DISK_ENCRYPTION: Final = layout.EXT_FULL_DISK_ENCRYPTION
+EXT_FDE: Final = layout.EXT_FDE
 #: the writer's cluster sizes
 MIN_CLUSTER_BITS: Final = 9
 MAX_CLUSTER_BITS: Final = 21
@@ -71,6 +72,8 @@ class ImageFacts:
     l2_tables: int
     data_clusters: int
     compressed_clusters: int
+    #: LUKS-encrypted (only with ``allow_encryption``)
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +111,15 @@ def inspect_image(fd: int, *, allow_encryption: bool = False) -> ImageFacts:
     if size < cluster or size % layout.SECTOR:
         raise ImageRefused(f"file size {size} is not that of a qcow2 image")
     cluster0 = _read(fd, cluster, 0, "cluster 0", size)
-    backing = _extensions_and_backing(cluster0, header, size, allow_encryption)
+    backing, region = _extensions_and_backing(cluster0, header, size, allow_encryption)
+    if region is not None:
+        _check_luks_header(fd, region, size)
     _check_refcount_table(fd, header, size)
     l2_tables, data, compressed = _check_mapping(fd, header, size)
-    return ImageFacts(header.size, cluster, backing, size, l2_tables, data, compressed)
+    if region is not None and compressed:
+        raise ImageRefused(f"encrypted image with {compressed} compressed (unencrypted) clusters")
+    encrypted = region is not None
+    return ImageFacts(header.size, cluster, backing, size, l2_tables, data, compressed, encrypted)
 
 
 def _header(raw: bytes, allow_encryption: bool) -> _Header:
@@ -175,10 +183,12 @@ def _header(raw: bytes, allow_encryption: bool) -> _Header:
 
 def _extensions_and_backing(
     cluster0: bytes, header: _Header, file_size: int, allow_encryption: bool
-) -> str | None:
-    """Walk the header extensions; return the backing file name (None without one)."""
+) -> tuple[str | None, tuple[int, int] | None]:
+    """Walk the header extensions; return the backing file name (None without one) and
+    the LUKS region (offset, length) of an encrypted image."""
     position = layout.HEADER_LENGTH
     backing_format: bytes | None = None
+    region: tuple[int, int] | None = None
     seen: set[int] = set()
     while True:
         if position + layout.EXT_HEADER.size > len(cluster0):
@@ -199,7 +209,7 @@ def _extensions_and_backing(
         if kind == layout.EXT_BACKING_FORMAT:
             backing_format = body
         elif kind == EXT_FULL_DISK_ENCRYPTION and allow_encryption and header.crypt_method:
-            _check_encryption_header(body, header, file_size)
+            region = _check_encryption_header(body, header, file_size)
         else:
             raise ImageRefused(f"header extension {kind:#x} (backupd writes only backing format)")
         if any(cluster0[position + length : end]):
@@ -207,15 +217,26 @@ def _extensions_and_backing(
         position = end
     if header.crypt_method and EXT_FULL_DISK_ENCRYPTION not in seen:
         raise ImageRefused("encrypted image without its encryption header extension")
-    return _backing_name(cluster0, header, position, backing_format)
+    return _backing_name(cluster0, header, position, backing_format), region
 
 
-def _check_encryption_header(body: bytes, header: _Header, file_size: int) -> None:
+def _check_encryption_header(body: bytes, header: _Header, file_size: int) -> tuple[int, int]:
     if len(body) != EXT_FDE.size:
         raise ImageRefused("encryption header extension of the wrong length")
     offset, length = EXT_FDE.unpack(body)
-    if offset % (1 << header.cluster_bits) or not 0 < offset + length <= file_size:
+    cluster = 1 << header.cluster_bits
+    if offset % cluster or offset < cluster or not 0 < length <= file_size - offset:
         raise ImageRefused(f"encryption header at {offset} (+{length}) lies outside the file")
+    return offset, length
+
+
+def _check_luks_header(fd: int, region: tuple[int, int], file_size: int) -> None:
+    offset, length = region
+    raw = _read(fd, min(luks.HEADER_BYTES, length), offset, "LUKS header", file_size)
+    try:
+        luks.parse(raw, length)
+    except luks.LuksError as exc:
+        raise ImageRefused(str(exc)) from None
 
 
 def _backing_name(

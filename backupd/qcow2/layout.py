@@ -13,6 +13,12 @@ HEADER: Final = struct.Struct(">4sIQIIQIIQQIIQQQQIIB7x")
 EXT_HEADER: Final = struct.Struct(">II")
 EXT_END: Final = 0x00000000
 EXT_BACKING_FORMAT: Final = 0xE2792ACA
+#: "full disk encryption header pointer": offset and length of the LUKS header region
+EXT_FULL_DISK_ENCRYPTION: Final = 0x0537BE77
+EXT_FDE: Final = struct.Struct(">QQ")
+#: crypt methods (header field crypt_method)
+CRYPT_NONE: Final = 0
+CRYPT_LUKS: Final = 2
 
 OFLAG_COPIED: Final = 1 << 63
 OFLAG_COMPRESSED: Final = 1 << 62
@@ -54,13 +60,18 @@ def encode_header(
     refcount_table_clusters: int,
     backing_file: str | None,
     backing_format: str | None,
+    encryption: tuple[int, int] | None = None,
 ) -> bytes:
-    """Header, extensions and backing file name: the content of cluster 0."""
+    """Header, extensions and backing file name: the content of cluster 0.
+    ``encryption``: (offset, length) of the LUKS header region (crypt method LUKS)."""
     extensions = b""
     if backing_file is not None and backing_format:
         raw = backing_format.encode()
         extensions += EXT_HEADER.pack(EXT_BACKING_FORMAT, len(raw)) + raw
         extensions += bytes(align_up(len(raw), 8) - len(raw))
+    if encryption is not None:
+        extensions += EXT_HEADER.pack(EXT_FULL_DISK_ENCRYPTION, EXT_FDE.size)
+        extensions += EXT_FDE.pack(*encryption)
     extensions += EXT_HEADER.pack(EXT_END, 0)
     backing = backing_file.encode() if backing_file is not None else b""
     backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
@@ -71,7 +82,7 @@ def encode_header(
         len(backing),
         cluster_bits,
         size,
-        0,  # crypt method
+        CRYPT_NONE if encryption is None else CRYPT_LUKS,
         l1_size,
         l1_offset,
         refcount_table_offset,
@@ -90,3 +101,20 @@ def encode_header(
     if len(data) > 1 << cluster_bits:
         raise ValueError("qcow2 header does not fit the first cluster (backing path too long)")
     return data
+
+
+def fde_extension(cluster0: bytes) -> tuple[int, int] | None:
+    """(offset, length) that the full disk encryption extension of a header (the first
+    cluster) names; None when it has none.  Reads what is there, checks nothing: for
+    files that passed the gate, or that qemu just wrote."""
+    position = HEADER_LENGTH
+    while position + EXT_HEADER.size <= len(cluster0):
+        kind, length = EXT_HEADER.unpack_from(cluster0, position)
+        position += EXT_HEADER.size
+        if kind == EXT_END:
+            return None
+        if kind == EXT_FULL_DISK_ENCRYPTION and length == EXT_FDE.size:
+            offset, size = EXT_FDE.unpack_from(cluster0, position)
+            return int(offset), int(size)
+        position += align_up(length, 8)
+    return None

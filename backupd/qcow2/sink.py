@@ -8,6 +8,11 @@ cluster is ours).  With ``digests`` every read gets a :class:`DigestRun` of the 
 bytes, hashed in the same thread as the write.  With ``compress`` a cluster is placed
 only once it is compressed (``place`` returns None): each is deflated in a thread and
 stored compressed, or raw when it does not shrink.  Zero ranges become zero clusters.
+With ``key`` (an encrypted image: :mod:`backupd.qcow2.encryption`) each batch is hashed
+as plaintext (keyed digests), then encrypted in place, sector by sector with IVs from
+its host offsets, and only then written: no plaintext reaches the file.  Compression
+and encryption do not go together (qemu 7.2 stores and reads compressed clusters of an
+encrypted image unencrypted).
 
 Used by backup (a new file in the staging folder, with digests) and by restore (an
 :class:`~nbdclient.copy.outfile.OutputFile`, which takes its name when finished).
@@ -16,13 +21,19 @@ Used by backup (a new file in the staging folder, with digests) and by restore (
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backupd.digests import hexdigest
+from backupd.digests import ALGORITHM, KEYED, hexdigest
 from backupd.manifest import DigestRun
 from backupd.qcow2.layout import CLUSTER_SIZE, align_up
 from backupd.qcow2.writer import Qcow2Stats, Qcow2Writer
 from nbdclient.copy import Batch, OutputFile
 from nbdclient.fileio import DIRECT_ALIGN, DataFile
+
+if TYPE_CHECKING:  # numpy and cryptography: imported only for encrypted images
+    from backupd.qcow2.encryption import ImageKey
+
+SECTOR = 512
 
 
 class Qcow2Sink:
@@ -33,8 +44,12 @@ class Qcow2Sink:
         output: OutputFile | None = None,
         digests: bool = False,
         compress: bool = False,
+        key: ImageKey | None = None,
     ) -> None:
-        """``writer`` is open; ``output``, when given, holds its file."""
+        """``writer`` is open; ``output``, when given, holds its file; ``key``: the
+        writer's image is encrypted with it."""
+        if key is not None and compress:
+            raise ValueError("compressed clusters cannot be encrypted")
         self.granularity = writer.cluster_size
         self.compress = compress
         self.digests: list[DigestRun] = []
@@ -44,6 +59,9 @@ class Qcow2Sink:
         self._writer = writer
         self._output = output
         self._hash = digests
+        self._key = key
+        #: the digest algorithm of :attr:`digests`
+        self.digest_algorithm = KEYED if key is not None else ALGORITHM
         # compressed clusters are not aligned: buffered
         self._out = DataFile(writer.fd, direct=not compress)
 
@@ -56,12 +74,17 @@ class Qcow2Sink:
         backing_file: str | None = None,
         digests: bool = False,
         compress: bool = False,
+        encryption: tuple[ImageKey, bytes] | None = None,
     ) -> Qcow2Sink:
-        """A new file at ``path`` (removed again on abort)."""
-        writer = Qcow2Writer(path, size, cluster_size=CLUSTER_SIZE, backing_file=backing_file)
+        """A new file at ``path`` (removed again on abort); ``encryption``: the new
+        file's key and LUKS header region (:meth:`ImageKey.new`)."""
+        key, region = encryption if encryption is not None else (None, b"")
+        writer = Qcow2Writer(
+            path, size, cluster_size=CLUSTER_SIZE, backing_file=backing_file, luks_region=region
+        )
         writer.open()
         try:
-            return cls(writer, digests=digests, compress=compress)
+            return cls(writer, digests=digests, compress=compress, key=key)
         except BaseException:
             writer.abort()
             raise
@@ -100,17 +123,27 @@ class Qcow2Sink:
         self.stored += batch.length
 
     def _store_batch(self, buf: memoryview, span: int, host: int, batch: Batch) -> list[str]:
-        """Write ``buf[:span]`` at ``host`` (in a thread, or inline when small) and hash
-        each read."""
+        """Hash each read and write ``buf[:span]`` at ``host`` (in a thread, or inline
+        when small); encrypted first when the image is."""
+        hashes = self._digests(buf, batch) if self._hash else []
+        padded = span
         if self._out.direct:
             padded = align_up(span, DIRECT_ALIGN)
-            buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
-            self._out.write(buf[:padded], host)
-        else:
-            self._out.write(buf[:span], host)
-        if not self._hash:
-            return []
-        return [hexdigest(buf[r.position : r.position + r.length]) for r in batch.reads]
+        elif self._key is not None:
+            padded = align_up(span, SECTOR)
+        buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
+        if self._key is not None:
+            self._key.cipher.encrypt(buf[:padded], host)
+        self._out.write(buf[:padded], host)
+        return hashes
+
+    def _digests(self, buf: memoryview, batch: Batch) -> list[str]:
+        """The digest of each read's plaintext (keyed when the image is encrypted)."""
+        key = self._key.digest_key if self._key is not None else None
+        return [
+            hexdigest(buf[r.position : r.position + r.length], self.digest_algorithm, key)
+            for r in batch.reads
+        ]
 
     def _store_one(self, data: memoryview, host: int) -> str:
         self._out.write(data, host)

@@ -13,9 +13,11 @@ virtual size.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,11 @@ class Qcow2Writer:
         cluster_size: int = layout.CLUSTER_SIZE,
         backing_file: str | None = None,
         backing_format: str = "qcow2",
+        luks_region: bytes = b"",
     ) -> None:
+        """``luks_region``: the LUKS header region of an encrypted image (see
+        :mod:`backupd.qcow2.luks`), stored from cluster 1 on; the caller encrypts the
+        data (:mod:`backupd.qcow2.xts`, IVs from the host offsets handed out here)."""
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
             raise ValueError(f"invalid cluster size {cluster_size}")
         self.path = path
@@ -52,7 +58,10 @@ class Qcow2Writer:
         self.backing_format = backing_format if backing_file else None
         self.fd = -1
         self._owns_fd = True
-        self._next = cluster_size  # cluster 0 holds the header
+        self.luks_region = luks_region.ljust(layout.align_up(len(luks_region), cluster_size), b"\0")
+        self._region_length = len(luks_region)
+        # cluster 0 holds the header, the LUKS region (if any) follows
+        self._next = cluster_size + len(self.luks_region)
         self._l2: dict[int, int] = {}  # guest cluster index -> L2 entry
         self._compressed_refs: dict[int, int] = {}  # host cluster -> references
         self._data_clusters = 0
@@ -72,6 +81,8 @@ class Qcow2Writer:
         if fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.fd = fd
+        if self.luks_region:
+            pwrite_all(fd, self.luks_region, self.cluster_size)
         return self
 
     def _clusters(self, guest_offset: int, length: int) -> range:
@@ -131,15 +142,41 @@ class Qcow2Writer:
     def finish(self) -> Qcow2Stats:
         """Write the metadata and the header; fsync; close."""
         cs = self.cluster_size
-        l2_entries = cs // 8
         start = layout.align_up(self._next, cs)
-        # L2 tables for every L1 slot that maps something
+        l1_offset, l1_size = self._write_mapping(start)
+        table_offset, table_clusters, total = self._write_refcounts(
+            start, l1_offset + layout.align_up(l1_size * 8, cs)
+        )
+        os.ftruncate(self.fd, total * cs)
+        os.fsync(self.fd)
+        header = layout.encode_header(
+            cluster_bits=self.cluster_bits,
+            size=self.virtual_size,
+            l1_size=l1_size,
+            l1_offset=l1_offset,
+            refcount_table_offset=table_offset,
+            refcount_table_clusters=table_clusters,
+            backing_file=self.backing_file,
+            backing_format=self.backing_format,
+            encryption=(cs, self._region_length) if self.luks_region else None,
+        )
+        pwrite_all(self.fd, header, 0)
+        os.fsync(self.fd)
+        if self._owns_fd:
+            os.close(self.fd)
+        self.fd = -1
+        self.finished = True
+        return Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
+
+    def _write_mapping(self, position: int) -> tuple[int, int]:
+        """The L2 tables of every L1 slot that maps something, then the L1 table, from
+        ``position`` on; returns (L1 offset, L1 entries)."""
+        cs = self.cluster_size
+        l2_entries = cs // 8
         l2_tables: dict[int, list[int]] = {}
         for index in sorted(self._l2):
             l2_tables.setdefault(index // l2_entries, []).append(index)
-        l1_size = max(1, -(-self.guest_clusters // l2_entries))
-        position = start
-        l1 = [0] * l1_size
+        l1 = [0] * max(1, -(-self.guest_clusters // l2_entries))
         for slot, indices in l2_tables.items():
             table = bytearray(cs)
             for index in indices:
@@ -147,11 +184,14 @@ class Qcow2Writer:
             pwrite_all(self.fd, table, position)
             l1[slot] = position | layout.OFLAG_COPIED
             position += cs
-        l1_offset = position
-        l1_bytes = struct.pack(f">{l1_size}Q", *l1)
-        pwrite_all(self.fd, l1_bytes, l1_offset)
-        position += layout.align_up(len(l1_bytes), cs)
-        # refcounts for everything, including the refcount structures themselves
+        pwrite_all(self.fd, struct.pack(f">{len(l1)}Q", *l1), position)
+        return position, len(l1)
+
+    def _write_refcounts(self, metadata: int, position: int) -> tuple[int, int, int]:
+        """Refcount blocks and table at ``position``, counting everything (the header,
+        the LUKS region, data, the metadata from ``metadata`` on, and themselves);
+        returns (table offset, table clusters, clusters in the file)."""
+        cs = self.cluster_size
         per_block = cs // 2
         meta_end = position // cs
         blocks = table_clusters = 0
@@ -164,45 +204,25 @@ class Qcow2Writer:
             blocks, table_clusters = need_blocks, need_table
         blocks_offset = position
         table_offset = blocks_offset + blocks * cs
-        total = meta_end + blocks + table_clusters
-        refcounts = bytearray(blocks * cs)
-
-        def ref(cluster: int, count: int = 1) -> None:
-            old = struct.unpack_from(">H", refcounts, cluster * 2)[0]
-            struct.pack_into(">H", refcounts, cluster * 2, old + count)
-
-        ref(0)
+        counts = array.array("H", bytes(blocks * cs))
+        counts[0] = 1  # the header
+        for cluster in range(1, 1 + len(self.luks_region) // cs):
+            counts[cluster] = 1
         for entry in self._l2.values():
             if entry & layout.OFLAG_COPIED:
-                ref((entry & ~layout.OFLAG_COPIED) // cs)
+                counts[(entry & ~layout.OFLAG_COPIED) // cs] += 1
         for cluster, count in self._compressed_refs.items():
-            ref(cluster, count)
-        for cluster in range(start // cs, total):
-            ref(cluster)
-        pwrite_all(self.fd, refcounts, blocks_offset)
+            counts[cluster] += count
+        for cluster in range(metadata // cs, total):
+            counts[cluster] += 1
+        if sys.byteorder == "little":
+            counts.byteswap()
+        pwrite_all(self.fd, counts.tobytes(), blocks_offset)
         table = bytearray(table_clusters * cs)
         for i in range(blocks):
             struct.pack_into(">Q", table, i * 8, blocks_offset + i * cs)
         pwrite_all(self.fd, table, table_offset)
-        os.ftruncate(self.fd, total * cs)
-        os.fsync(self.fd)
-        header = layout.encode_header(
-            cluster_bits=self.cluster_bits,
-            size=self.virtual_size,
-            l1_size=l1_size,
-            l1_offset=l1_offset,
-            refcount_table_offset=table_offset,
-            refcount_table_clusters=table_clusters,
-            backing_file=self.backing_file,
-            backing_format=self.backing_format,
-        )
-        pwrite_all(self.fd, header, 0)
-        os.fsync(self.fd)
-        if self._owns_fd:
-            os.close(self.fd)
-        self.fd = -1
-        self.finished = True
-        return Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
+        return table_offset, table_clusters, total
 
     def abort(self) -> None:
         """Close and remove an unfinished file (one this writer created)."""

@@ -24,12 +24,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-async def qemu_img(*args: str, cwd: Path | None = None) -> str:
-    """``qemu-img ARGS...``; its standard output, or BackupdError with its last message."""
+async def qemu_img(*args: str, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()) -> str:
+    """``qemu-img ARGS...``; its standard output, or BackupdError with its last message
+    (``pass_fds``: descriptors it inherits, e.g. a key file read as ``/dev/fd/N``)."""
     proc = await asyncio.create_subprocess_exec(
         "qemu-img",
         *args,
         cwd=cwd,
+        pass_fds=pass_fds,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -246,9 +246,10 @@ def test_not_a_file_truncated_and_empty(tmp_path: Path, chain: tuple[Path, Path]
         inspect(tmp_path / "raw")
 
 
-def test_encryption_is_a_hook_that_is_off(chain: tuple[Path, Path]) -> None:
-    """LUKS (crypt method 2 with its header extension inside the file) is refused today
-    and accepted by the hook that encrypted backups will turn on."""
+def test_encryption_is_admitted_only_for_encrypted_vms(chain: tuple[Path, Path]) -> None:
+    """LUKS (crypt method 2 with its header extension inside the file) is refused unless
+    the VM is encrypted, and then only with a LUKS header backupd would write (the
+    accepted case: tests/backupd/test_encryption.py)."""
     full, _ = chain
     pointer = struct.pack(">QQ", CLUSTER, 4096)
     rewrite_cluster0(
@@ -256,7 +257,8 @@ def test_encryption_is_a_hook_that_is_off(chain: tuple[Path, Path]) -> None:
     )
     with pytest.raises(ImageRefused, match="encryption is not enabled"):
         inspect(full)
-    assert inspect(full, allow_encryption=True).virtual_size == SIZE
+    with pytest.raises(ImageRefused, match="not a LUKS version 1 header"):
+        inspect(full, allow_encryption=True)
     rewrite_cluster0(
         full,
         extensions=[(EXT_FULL_DISK_ENCRYPTION, struct.pack(">QQ", 1 << 40, 4096))],
