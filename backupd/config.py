@@ -17,7 +17,12 @@ import yaml
 
 from backupd import names
 from backupd.errors import ConfigError
+from backupd.objectstore.settings import S3Settings
+from backupd.storage.location import Location, S3Location, parse_location
 from nbdclient.copy.engine import DEFAULT_REQUEST_SIZE
+
+#: the scratch folder of a VM whose repository is in object storage (it must be local)
+S3_SCRATCH_DIR = Path("/var/lib/backupd/scratch")
 
 
 class Fleecing(StrEnum):
@@ -109,11 +114,14 @@ class VMConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
-    repository: Path
+    #: a local folder, or a bucket and key prefix (``repository: s3://BUCKET/PREFIX``)
+    repository: Location
     scratch_dir: Path
     runtime_dir: Path | None
     metrics_file: Path | None
     vms: Mapping[str, VMConfig]
+    #: how to reach object storage (the ``s3:`` block; defaults when absent)
+    s3: S3Settings = field(default_factory=S3Settings)
 
     def vm(self, name: str) -> VMConfig:
         try:
@@ -190,7 +198,14 @@ SETTINGS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "keep_monthly": (_integer(0), _default(Retention, "keep_monthly")),
 }
 _SETTING_KEYS = set(SETTINGS)
-_TOP_KEYS = {"repository", "scratch_dir", "runtime_dir", "metrics_file", "vms"} | _SETTING_KEYS
+_TOP_KEYS = {
+    "repository",
+    "scratch_dir",
+    "runtime_dir",
+    "metrics_file",
+    "vms",
+    "s3",
+} | _SETTING_KEYS
 _VM_KEYS = {"qmp", "guest_agent", "disks", "images"} | _SETTING_KEYS
 _IMAGE_KEYS = {"path", "format"}
 
@@ -333,9 +348,8 @@ def parse_config(data: Any, path: Path) -> Config:
     repo = _get(data, "repository", str, "")
     if not repo:
         raise ConfigError(f"{path}: 'repository' is required")
-    repository = Path(repo)
-    if not repository.is_absolute():
-        repository = (path.parent / repository).resolve()
+    repository = parse_location(repo, path.parent)
+    s3 = S3Settings.from_mapping(data["s3"]) if data.get("s3") is not None else S3Settings()
     scratch = _get(data, "scratch_dir", str, "")
     runtime = _get(data, "runtime_dir", str, "")
     metrics = _get(data, "metrics_file", str, "")
@@ -382,11 +396,18 @@ def parse_config(data: Any, path: Path) -> Config:
             images=_images(vm_data, str(name), disks, beside_config),
         )
 
+    if scratch:
+        scratch_dir = beside_config(scratch)
+    elif isinstance(repository, S3Location):
+        scratch_dir = S3_SCRATCH_DIR
+    else:
+        scratch_dir = repository / ".scratch"
     return Config(
         path=path,
         repository=repository,
-        scratch_dir=beside_config(scratch) if scratch else repository / ".scratch",
+        scratch_dir=scratch_dir,
         runtime_dir=beside_config(runtime) if runtime else None,
         metrics_file=beside_config(metrics) if metrics else None,
         vms=vms,
+        s3=s3,
     )

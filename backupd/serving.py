@@ -30,8 +30,8 @@ from pathlib import Path
 from backupd.chain import CheckedFile, checked_chain
 from backupd.errors import BackupdError, NotFoundError, UsageError
 from backupd.manifest import Manifest
-from backupd.repository import VMRepository
 from backupd.shield import run_to_completion
+from backupd.storage.vmrepo import VMRepo
 
 log = logging.getLogger("backupd.serve")
 
@@ -69,22 +69,26 @@ def load_psk_file(path: Path) -> bytes:
     return b"".join(lines)
 
 
-def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:
-    """The chain of one disk as nested qemu nodes, each file given as the descriptor the
-    gate checked (``/dev/fd/N``: a file swapped in the repository after the check is not
-    what qemu opens).  Node names are short (``d<index>-<depth>``): qemu allows 31
-    characters, disk names may be longer."""
-    node: dict[str, object] | None = None
+def blockdev_for(files: list[CheckedFile], index: int) -> list[dict[str, object]]:
+    """The chain of one disk as qemu nodes, the full first, each backed by the node
+    before it (by node name: qemu then never works out a backing file's name, which an
+    NBD file node cannot give), each file given as what the gate checked
+    (``/dev/fd/N``: a file swapped in the repository after the check is not what qemu
+    opens; an object pinned to the checked version, its checked metadata kept).  Node
+    names are short (``d<index>-<depth>``): qemu allows 31 characters, disk names may
+    be longer."""
+    nodes: list[dict[str, object]] = []
     for depth, checked in enumerate(files):
-        node = {
-            "driver": "qcow2",
-            "node-name": f"d{index}-{depth}",
-            "read-only": True,
-            "file": {"driver": "file", "filename": f"/dev/fd/{checked.fd}", "read-only": True},
-            "backing": node if node is not None else None,
-        }
-    assert node is not None
-    return node
+        nodes.append(
+            {
+                "driver": "qcow2",
+                "node-name": f"d{index}-{depth}",
+                "read-only": True,
+                "file": checked.image.qemu_file(),
+                "backing": nodes[-1]["node-name"] if nodes else None,
+            }
+        )
+    return nodes
 
 
 class ServedImage:
@@ -97,7 +101,7 @@ class ServedImage:
 
     def __init__(
         self,
-        repo: VMRepository,
+        repo: VMRepo,
         manifest: Manifest,
         disks: list[str] | None = None,
         *,
@@ -181,10 +185,11 @@ class ServedImage:
                 tops: list[str] = []
                 for index, disk in enumerate(self.disks):
                     files = held.enter_context(checked_chain(self.repo, self.manifest, disk))
-                    fds += [checked.fd for checked in files]
-                    node = blockdev_for(files, index)
-                    args += ["--blockdev", json.dumps(node)]
-                    tops.append(str(node["node-name"]))
+                    fds += [fd for checked in files for fd in checked.image.pass_fds]
+                    nodes = blockdev_for(files, index)
+                    for node in nodes:
+                        args += ["--blockdev", json.dumps(node)]
+                    tops.append(str(nodes[-1]["node-name"]))
                 args += self._server_args()
                 for index, (disk, top) in enumerate(zip(self.disks, tops, strict=True)):
                     export = {"type": "nbd", "id": f"e{index}", "node-name": top, "name": disk}

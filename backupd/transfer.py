@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 from backupd.config import Transfer
 from backupd.digests import ALGORITHM
@@ -39,6 +39,24 @@ class CopyPlan:
     @property
     def data_clusters(self) -> int:
         return sum(e - s for s, e in self.data)
+
+
+class Staging(Protocol):
+    """Where a run's images go (a staging folder, or uploads into a bucket)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def sink(
+        self,
+        disk: str,
+        size: int,
+        *,
+        backing_file: str | None,
+        compress: bool,
+        expected: int = 0,
+        disks: int = 1,
+    ) -> Qcow2Sink: ...
 
 
 def plan_clusters(
@@ -79,18 +97,19 @@ async def transfer_disk(
     node: str,
     uri: str,
     dirty_context: str | None,
-    path: Path,
+    staging: Staging,
     backing_file: str | None,
     settings: Transfer,
+    disks: int = 1,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     timeout: float = 10.0,
     request_timeout: float = 300.0,
     pool: BufferPool | None = None,
 ) -> DiskRecord:
-    """Copy one exported disk into a new qcow2 file at ``path`` (removed again on any
-    error); ``pool`` gives the buffers (shared by the disks of a run), else the disk
-    gets its own."""
+    """Copy one exported disk into a new qcow2 image of ``staging`` (removed again on
+    any error); ``pool`` gives the buffers (shared by the ``disks`` of a run), else the
+    disk gets its own."""
     started = time.monotonic()
     async with await Source.open(
         uri, dirty_context=dirty_context, timeout=timeout, request_timeout=request_timeout
@@ -100,8 +119,13 @@ async def transfer_disk(
         plan = Plan.from_blocks(clusters.data, clusters.zero, CLUSTER_SIZE, size)
         if on_total is not None:
             on_total(plan.read_bytes)
-        sink = Qcow2Sink.create(
-            path, size, backing_file=backing_file, digests=True, compress=settings.compress
+        sink = staging.sink(
+            name,
+            size,
+            backing_file=backing_file,
+            compress=settings.compress,
+            expected=plan.read_bytes,
+            disks=disks,
         )
         stats = await copy(
             source,
@@ -117,7 +141,7 @@ async def transfer_disk(
         seconds = time.monotonic() - started
     return DiskRecord(
         name=name,
-        file=path.name,
+        file=f"{name}.qcow2",
         node=node,
         virtual_size=size,
         cluster_size=CLUSTER_SIZE,

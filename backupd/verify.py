@@ -14,13 +14,12 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-import aiofiles
-
 from backupd.chain import CheckedFile, checked_chain
 from backupd.digests import hasher
 from backupd.errors import BackupdError, NotFoundError
 from backupd.manifest import Manifest
-from backupd.repository import VMRepository
+from backupd.storage.images import ImageFile
+from backupd.storage.vmrepo import VMRepo
 
 #: digests are computed over pieces of at most this size (a run's length is untrusted)
 PIECE = 4 << 20
@@ -40,14 +39,11 @@ class Report:
         return not self.problems
 
 
-def _image_opts(fd: int) -> str:
-    """The checked file as qemu sees it: by descriptor, with no backing file (the chain
-    was checked by the gate; qemu-img check needs only this file's metadata)."""
-    spec = {
-        "driver": "qcow2",
-        "backing": None,
-        "file": {"driver": "file", "filename": f"/dev/fd/{fd}"},
-    }
+def _image_opts(image: ImageFile) -> str:
+    """The checked file as qemu sees it: by descriptor (or the pinned object), with no
+    backing file (the chain was checked by the gate; qemu-img check needs only this
+    file's metadata)."""
+    spec = {"driver": "qcow2", "backing": None, "file": image.qemu_file()}
     return "json:" + json.dumps(spec)
 
 
@@ -57,10 +53,10 @@ async def _qemu_img_check(checked: CheckedFile) -> str | None:
         "check",
         "-U",
         "--output=json",
-        _image_opts(checked.fd),
+        _image_opts(checked.image),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        pass_fds=(checked.fd,),
+        pass_fds=checked.image.pass_fds,
     )
     out, err = await proc.communicate()
     if proc.returncode == 0:
@@ -77,36 +73,34 @@ async def _qemu_img_check(checked: CheckedFile) -> str | None:
 async def _check_digests(
     checked: CheckedFile, manifest: Manifest, disk: str, report: Report
 ) -> None:
-    """Re-hash every stored run (reads through aiofiles, hashing in a thread)."""
+    """Re-hash every stored run (reads off the event loop, hashing in a thread)."""
     record = manifest.disks[disk]
     size = checked.facts.file_size
-    async with aiofiles.open(checked.fd, "rb", closefd=False) as f:
-        for run in record.digests:
-            if run.host_offset + run.length > size:
-                report.problems.append(
-                    f"backup {manifest.id} disk {disk}: data at guest offset {run.guest_offset} "
-                    f"is missing (file truncated to {size} bytes)"
-                )
-                return
-            await f.seek(run.host_offset)
-            digest = hasher(record.digest_algorithm)
-            left = run.length
-            while left:
-                piece = await f.read(min(left, PIECE))
-                if not piece:
-                    break
-                await asyncio.to_thread(digest.update, piece)
-                left -= len(piece)
-                report.bytes += len(piece)
-            report.digests += 1
-            if left or digest.hexdigest() != run.digest:
-                report.problems.append(
-                    f"backup {manifest.id} disk {disk}: stored data at guest offset "
-                    f"{run.guest_offset} (+{run.length} bytes) does not match its digest"
-                )
+    for run in record.digests:
+        if run.host_offset + run.length > size:
+            report.problems.append(
+                f"backup {manifest.id} disk {disk}: data at guest offset {run.guest_offset} "
+                f"is missing (file truncated to {size} bytes)"
+            )
+            return
+        digest = hasher(record.digest_algorithm)
+        left = run.length
+        while left:
+            piece = await checked.image.read(run.host_offset + run.length - left, min(left, PIECE))
+            if not piece:
+                break
+            await asyncio.to_thread(digest.update, piece)
+            left -= len(piece)
+            report.bytes += len(piece)
+        report.digests += 1
+        if left or digest.hexdigest() != run.digest:
+            report.problems.append(
+                f"backup {manifest.id} disk {disk}: stored data at guest offset "
+                f"{run.guest_offset} (+{run.length} bytes) does not match its digest"
+            )
 
 
-async def verify_backup(repo: VMRepository, backup: str) -> Report:
+async def verify_backup(repo: VMRepo, backup: str) -> Report:
     report = Report(backup)
     try:
         manifest = repo.load(backup)

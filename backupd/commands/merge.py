@@ -9,7 +9,7 @@ from backupd.commands import CommandContext
 from backupd.errors import NotFoundError
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
-from backupd.repository import Repository
+from backupd.storage.repositories import repository_for
 
 NAME = "merge"
 DESCRIPTION = """\
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    repo = repository_for(config).vm(config.vm(args.vm).name)
 
     def until(manifests: list[Manifest]) -> set[str]:
         by_id = {m.id: m for m in manifests}

@@ -11,8 +11,8 @@ from backupd.config import Config, VMConfig
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
-from backupd.repository import Repository
 from backupd.retention import select
+from backupd.storage.repositories import repository_for
 
 NAME = "prune"
 DESCRIPTION = """\
@@ -79,7 +79,7 @@ async def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> in
         return set(select([m.id for m in manifests], vm.retention))
 
     await merge_vm(
-        Repository(config.repository).vm(vm.name),
+        repository_for(config).vm(vm.name),
         policy,
         purpose=f"backupd prune --vm {vm.name}",
         dry_run=dry_run,

@@ -14,9 +14,9 @@ from backupd.config import ImageFormat
 from backupd.errors import UsageError
 from backupd.logs import human_bytes
 from backupd.progress import Progress, ProgressMode, progress_mode
-from backupd.repository import Repository
 from backupd.restore import check_output, restore_to_file, restore_to_nbd
 from backupd.serving import ServedImage
+from backupd.storage.repositories import repository_for
 
 NAME = "restore"
 DESCRIPTION = """\
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _restore(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    repo = repository_for(config).vm(config.vm(args.vm).name)
     if args.output is not None:
         check_output(args.output, args.force)
     if args.to is not None:

@@ -9,20 +9,23 @@ bytes, hashed in the same thread as the write.  With ``compress`` a cluster is p
 only once it is compressed (``place`` returns None): each is deflated in a thread and
 stored compressed, or raw when it does not shrink.  Zero ranges become zero clusters.
 
-Used by backup (a new file in the staging folder, with digests) and by restore (an
-:class:`~nbdclient.copy.outfile.OutputFile`, which takes its name when finished).
+Used by backup (a new file in the staging folder, with digests, or an object-store
+upload) and by restore (an :class:`~nbdclient.copy.outfile.OutputFile`, which takes its
+name when finished).  The bytes go through a :class:`~backupd.qcow2.target.ByteTarget`:
+the writer's local file unless another target is given.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from backupd.digests import hexdigest
 from backupd.manifest import DigestRun
 from backupd.qcow2.layout import CLUSTER_SIZE, align_up
+from backupd.qcow2.target import ByteTarget, FileTarget
 from backupd.qcow2.writer import Qcow2Stats, Qcow2Writer
 from nbdclient.copy import Batch, OutputFile
-from nbdclient.fileio import DIRECT_ALIGN, DataFile
 
 
 class Qcow2Sink:
@@ -33,8 +36,10 @@ class Qcow2Sink:
         output: OutputFile | None = None,
         digests: bool = False,
         compress: bool = False,
+        target: ByteTarget | None = None,
     ) -> None:
-        """``writer`` is open; ``output``, when given, holds its file."""
+        """``writer`` is open (or writes into ``target``); ``output``, when given, holds
+        its file."""
         self.granularity = writer.cluster_size
         self.compress = compress
         self.digests: list[DigestRun] = []
@@ -42,10 +47,9 @@ class Qcow2Sink:
         self.stored = 0
         self.stats: Qcow2Stats | None = None
         self._writer = writer
-        self._output = output
         self._hash = digests
         # compressed clusters are not aligned: buffered
-        self._out = DataFile(writer.fd, direct=not compress)
+        self._target = target or FileTarget(writer, output=output, direct=not compress)
 
     @classmethod
     def create(
@@ -92,28 +96,25 @@ class Qcow2Sink:
         host = batch.reads[0].target
         assert host is not None
         span = batch.span
-        hashes = await self._out.store(span, self._store_batch, buf, span, host, batch)
+        hashes = await self._target.store(
+            buf, span, host, functools.partial(self._hash_reads, buf, batch)
+        )
+        tail = align_up(span, self.granularity) - span
+        if tail:  # the disk's partial last cluster: the rest of it is never written
+            await self._target.zeroes(host + span, tail)
         if self._hash:
             for read, digest in zip(batch.reads, hashes, strict=True):
                 assert read.target is not None
                 self.digests.append(DigestRun(read.target, read.length, read.offset, digest))
         self.stored += batch.length
 
-    def _store_batch(self, buf: memoryview, span: int, host: int, batch: Batch) -> list[str]:
-        """Write ``buf[:span]`` at ``host`` (in a thread, or inline when small) and hash
-        each read."""
-        if self._out.direct:
-            padded = align_up(span, DIRECT_ALIGN)
-            buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
-            self._out.write(buf[:padded], host)
-        else:
-            self._out.write(buf[:span], host)
+    def _hash_reads(self, buf: memoryview, batch: Batch) -> list[str]:
+        """The digest of each read of a batch (in the thread that writes it)."""
         if not self._hash:
             return []
         return [hexdigest(buf[r.position : r.position + r.length]) for r in batch.reads]
 
-    def _store_one(self, data: memoryview, host: int) -> str:
-        self._out.write(data, host)
+    def _hash_one(self, data: memoryview) -> str:
         return hexdigest(data) if self._hash else ""
 
     async def _store_compressed(self, view: memoryview, offset: int) -> None:
@@ -124,12 +125,17 @@ class Qcow2Sink:
             guest = offset + rel
             # qemu inflates a compressed cluster into a whole cluster: pad the disk's tail
             whole = cluster if len(cluster) == cs else bytes(cluster) + bytes(cs - len(cluster))
-            packed = await self._out.offload(self._writer.compress, whole)
+            packed = await self._target.compute(self._writer.compress, whole)
             if packed is None:
+                end = self._writer.end
                 data, host = cluster, self._writer.allocate(guest, len(cluster))
+                if host > end:  # the cluster starts aligned: the bytes before it stay zero
+                    await self._target.zeroes(end, host - end)
             else:
                 data, host = memoryview(packed), self._writer.place_compressed(guest, packed)
-            digest = await self._out.offload(self._store_one, data, host)
+            digest = await self._target.store(
+                data, len(data), host, functools.partial(self._hash_one, data)
+            )
             if self._hash:
                 self.digests.append(DigestRun(host, len(data), guest, digest))
             self.stored += len(data)
@@ -138,15 +144,7 @@ class Qcow2Sink:
         self._writer.write_zeroes(offset, length)
 
     async def finish(self) -> None:
-        await self._out.settle()
-        self._out.close()
-        self.stats = await self._out.offload(self._writer.finish)
-        if self._output is not None:
-            self._output.commit()
+        self.stats = await self._target.finish(self._writer)
 
     async def abort(self) -> None:
-        await self._out.settle()  # no thread writes into the file any more
-        self._out.close()
-        self._writer.abort()
-        if self._output is not None:
-            self._output.discard()
+        await self._target.abort()
