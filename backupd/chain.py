@@ -72,6 +72,20 @@ def check_image(
         raise ChainError(f"{where}: file {image_name(disk)} is missing") from None
     except RepositoryError as exc:  # a symlink or a special file in its place
         raise ChainError(str(exc)) from None
+    return check_open_image(image, manifest, disk, parent, allow_encryption=allow_encryption)
+
+
+def check_open_image(
+    image: ImageFile,
+    manifest: Manifest,
+    disk: str,
+    parent: Manifest | None,
+    *,
+    allow_encryption: bool = ALLOW_ENCRYPTION,
+) -> CheckedFile:
+    """The gate's checks of an image already open (e.g. a copy that just arrived, before
+    its manifest exists): closed again and ChainError when it is refused."""
+    where = f"backup {manifest.id} of vm {manifest.vm}, disk {disk}"
     try:
         facts = inspect_image(image.inspectable, allow_encryption=allow_encryption)
         record = manifest.disks[disk]

@@ -109,8 +109,13 @@ class ServedImage:
         listen: tuple[str, int] | None = None,
         tls_dir: Path | None = None,
         psk_keys: bytes | None = None,
+        chains: dict[str, list[CheckedFile]] | None = None,
     ) -> None:
+        """``chains``: files of each disk the caller has checked itself (and closes),
+        instead of every file of the manifest's chain (a merge serving a point while its
+        files change)."""
         self.repo = repo
+        self.chains = chains
         self.manifest = manifest
         self.disks = disks or sorted(manifest.disks)
         for disk in self.disks:
@@ -184,7 +189,10 @@ class ServedImage:
                 fds: list[int] = []
                 tops: list[str] = []
                 for index, disk in enumerate(self.disks):
-                    files = held.enter_context(checked_chain(self.repo, self.manifest, disk))
+                    if self.chains is not None:
+                        files = self.chains[disk]
+                    else:
+                        files = held.enter_context(checked_chain(self.repo, self.manifest, disk))
                     fds += [fd for checked in files for fd in checked.image.pass_fds]
                     nodes = blockdev_for(files, index)
                     for node in nodes:

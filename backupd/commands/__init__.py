@@ -27,6 +27,7 @@ VERBS = {
     "verify": "verify backups (structure and stored data)",
     "prune": "keep what the retention policy selects; merge or remove the rest",
     "merge": "fold the backups older than one into it (it becomes a full)",
+    "copy": "copy committed backups into another repository (a folder or s3://)",
 }
 
 

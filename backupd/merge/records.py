@@ -84,6 +84,7 @@ def _new_runs(mapping: ClusterMap, clusters: Iterable[Cluster], algorithm: str) 
             spans[-1] = (host, last_length + length, last_guest)
         else:
             spans.append((cluster.host, length, guest))
+    assert isinstance(mapping.fd, int)  # a local file (merges in a bucket rewrite instead)
     return [
         DigestRun(host, length, guest, _hash(mapping.fd, host, length, algorithm))
         for host, length, guest in spans

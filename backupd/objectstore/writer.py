@@ -284,11 +284,19 @@ class MultipartWriter:
             self.buffered -= len(buf)
             self._slots.release()
 
-    async def _upload_id(self) -> str:
+    def begin(self) -> None:
+        """Begin the multipart upload now rather than with the first complete part (an
+        object known to need several parts: a refusal shows at once, and a killed
+        writer leaves a pending upload for the next run to find)."""
         if self._creating is None:
             self._creating = asyncio.create_task(
                 self.store.create_multipart(self.key, metadata=self.metadata)
             )
+            self._creating.add_done_callback(_retrieve)
+
+    async def _upload_id(self) -> str:
+        self.begin()
+        assert self._creating is not None
         self.upload_id = await asyncio.shield(self._creating)
         return self.upload_id
 
@@ -345,3 +353,10 @@ class MultipartWriter:
                 await self.store.abort_multipart(self.key, upload_id)
         async with self._moved:
             self._moved.notify_all()
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    """A failed creation is reported by the first part that needs it, not as an
+    exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -99,11 +99,18 @@ def multipart(
 class UploadTarget:
     """A qcow2 image written into one multipart upload (see the module docstring)."""
 
-    def __init__(self, storage: S3Storage, upload: MultipartWriter) -> None:
+    def __init__(self, storage: S3Storage, upload: MultipartWriter, expected: int = 0) -> None:
         self.storage = storage
         self.upload = upload
+        self._begun = expected <= upload.first_part_size  # small: one PUT at the end
+
+    async def _begin(self) -> None:
+        self.upload.begin()
 
     async def store(self, buf: memoryview, span: int, offset: int, prepare: Callable[[], T]) -> T:
+        if not self._begun:  # several parts ahead: begin the upload with the first bytes
+            self._begun = True
+            await self.storage.run(self._begin())
         result = prepare() if span <= INLINE else await asyncio.to_thread(prepare)
         await self.storage.run(self.upload.write(offset, buf[:span]))
         return result
@@ -172,7 +179,7 @@ class S3StagedBackup:
         self._keys.append(key)
         writer = Qcow2Writer(Path(key), size, cluster_size=CLUSTER_SIZE, backing_file=backing_file)
         upload = multipart(self.repo.storage, key, part_layout(expected, disks))
-        target = UploadTarget(self.repo.storage, upload)
+        target = UploadTarget(self.repo.storage, upload, expected)
         return Qcow2Sink(writer, target=target, digests=True, compress=compress)
 
     def upload(
