@@ -22,7 +22,8 @@ async def copy_disks(
     progress_mode: ProgressMode,
 ) -> list[DiskRecord]:
     bars: list[Progress] = []
-    pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
+    # buffers shared by the disks: memory is per run
+    pool = run_pool(vm.transfer, staging.read_buffers(vm.transfer))
 
     async def one(export: DiskExport) -> DiskRecord:
         bar: Progress | None = None

@@ -40,6 +40,7 @@ from backupd.storage.vmrepo import (
 )
 
 if TYPE_CHECKING:
+    from backupd.config import Transfer
     from backupd.qcow2.sink import Qcow2Sink
 
 __all__ = ["ID_FORMAT", "MANIFEST", "MERGE_JOURNAL", "Repository", "VMRepository", "backup_id"]
@@ -72,6 +73,9 @@ class StagedBackup:
     @property
     def where(self) -> str:
         return str(self.path)
+
+    def read_buffers(self, settings: Transfer) -> int | None:
+        return None  # the default: local disks write as fast as qemu reads
 
     def sink(
         self,

@@ -58,6 +58,10 @@ class Staging(Protocol):
         disks: int = 1,
     ) -> Qcow2Sink: ...
 
+    def read_buffers(self, settings: Transfer) -> int | None:
+        """Read buffers of the run (None: :func:`run_pool`'s default)."""
+        ...
+
 
 def plan_clusters(
     extents: Sequence[MappedExtent], *, incremental: bool, cluster: int = CLUSTER_SIZE
@@ -80,10 +84,11 @@ def buffer_size(settings: Transfer) -> int:
     return max(settings.request_size // CLUSTER_SIZE * CLUSTER_SIZE, CLUSTER_SIZE, WRITE_BATCH)
 
 
-def run_pool(settings: Transfer) -> BufferPool:
+def run_pool(settings: Transfer, batches: int | None = None) -> BufferPool:
     """The buffers of one run: one per batch in flight of a disk, twice over for runs of
-    several disks (their copies share the host's disk and CPU anyway)."""
-    return BufferPool(buffer_size(settings), 2 * max(1, settings.requests))
+    several disks (their copies share the host's disk and CPU anyway); or ``batches``."""
+    count = batches if batches is not None else 2 * max(1, settings.requests)
+    return BufferPool(buffer_size(settings), count)
 
 
 async def _fault_points(reads: int) -> None:

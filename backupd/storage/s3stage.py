@@ -36,6 +36,7 @@ from backupd.storage.leases import LEASE, Lease
 from backupd.storage.vmrepo import MANIFEST
 
 if TYPE_CHECKING:
+    from backupd.config import Transfer
     from backupd.objectstore.writer import MultipartWriter
     from backupd.storage.s3repo import S3VMRepository
     from backupd.storage.s3store import S3Storage
@@ -45,7 +46,7 @@ T = TypeVar("T")
 MiB = 1 << 20
 
 #: part buffers of one run, all its disks together
-UPLOAD_MEMORY = 128 * MiB
+UPLOAD_MEMORY = 80 * MiB
 #: parts being filled and parts being uploaded per disk
 WINDOW = 2
 CONCURRENCY = 2
@@ -163,6 +164,11 @@ class S3StagedBackup:
 
     def key(self, name: str) -> str:
         return self.repo.key(self.id, name)
+
+    def read_buffers(self, settings: Transfer) -> int:
+        """One batch in flight per read of one disk, shared by all disks: an upload, not
+        the reading, bounds the run, and the memory goes to the parts."""
+        return max(1, settings.requests)
 
     def sink(
         self,

@@ -24,6 +24,7 @@ from backupd.manifest import Manifest
 from backupd.names import check_name
 
 if TYPE_CHECKING:
+    from backupd.config import Transfer
     from backupd.merge.fold import FoldResult
     from backupd.merge.plan import Fold
     from backupd.qcow2.sink import Qcow2Sink
@@ -62,6 +63,10 @@ class Staged(Protocol):
         disks: int = 1,
     ) -> Qcow2Sink:
         """The image of ``disk`` as a copy engine sink."""
+        ...
+
+    def read_buffers(self, settings: Transfer) -> int | None:
+        """Read buffers of a run into it (None: the default)."""
         ...
 
     def commit(self, manifest: Manifest) -> object:
