@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,15 +39,16 @@ from backupd.lock import host_lock_path, vm_lock
 from backupd.logs import human_bytes
 from backupd.manifest import Consistency, DiskRecord, Manifest, VMState
 from backupd.planning import Mode, Plan, plan_backup
-from backupd.private import private_dir
+from backupd.private import private_dir, runtime_base
 from backupd.progress import ProgressMode
 from backupd.qemu.blockops import remove_bitmap
 from backupd.qemu.inventory import Disk
 from backupd.qemu.qmp import QemuMonitor
 from backupd.quiesce import freeze_window
-from backupd.repository import Repository, StagedBackup
 from backupd.shield import run_to_completion
 from backupd.sources import Source, open_source
+from backupd.storage.repositories import repository_for
+from backupd.storage.vmrepo import Staged
 
 if TYPE_CHECKING:
     from backupd.qcow2.encryption import KeySpec
@@ -86,15 +85,6 @@ class RunResult:
         return Consistency.QUIESCED if self.quiesced else Consistency.CRASH_CONSISTENT
 
 
-def runtime_base(config: Config) -> Path:
-    """The folder for backupd's sockets and host locks (private, 0700)."""
-    base = config.runtime_dir
-    if base is None:
-        run = Path("/run/backupd")
-        base = run if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / "backupd"
-    return private_dir(base, "runtime_dir")
-
-
 class BackupRun:
     """One backup of one VM; :meth:`execute` is the whole run."""
 
@@ -114,7 +104,7 @@ class BackupRun:
         self.progress_mode = progress_mode
         self.hooks = hooks or RunHooks()
         self.result = result or RunResult(vm.name)
-        self.root = Repository(config.repository)
+        self.root = repository_for(config)
         self.repo = self.root.vm(vm.name)
         self.scratch_dir = config.scratch_dir / vm.name
         self.started = time.monotonic()
@@ -172,9 +162,9 @@ class BackupRun:
 
     async def _prepare(self, source: Source) -> Plan:
         """Remove what a killed run left, find the disks, decide full or incremental."""
-        for stale in self.repo.staging():
+        for stale in self.repo.leftovers():
             log.warning("%s: removing %s left by an interrupted run", self.vm.name, stale.name)
-            shutil.rmtree(stale, ignore_errors=True)
+            stale.remove()
         private_dir(self.scratch_dir, "scratch_dir")
         await self._finish_merge()
         self.names = CheckpointNames(self.root.identity())
@@ -222,14 +212,16 @@ class BackupRun:
             checked = check_image(self.repo, parent, disk, grand, allow_encryption=True)
             try:
                 where = f"backup {parent.id}, disk {disk}"
-                await asyncio.to_thread(unlock_file, checked.fd, self.key.passphrase, where)
+                await asyncio.to_thread(
+                    unlock_file, checked.image.inspectable, self.key.passphrase, where
+                )
             except WrongKey as exc:
                 raise EncryptionKeyError(
                     f"{exc}: use the key its chain was written with (backupd rekey changes "
                     "it), or --full to start a chain with this one"
                 ) from None
             finally:
-                os.close(checked.fd)
+                checked.image.close()
         return plan
 
     async def _finish_merge(self) -> None:
@@ -286,7 +278,7 @@ class BackupRun:
                     await self.hooks.after_point_in_time()
                 try:
                     records = await copy_disks(
-                        exports, staged.path, plan, self.vm, self.progress_mode, self.key_spec
+                        exports, staged, plan, self.vm, self.progress_mode, self.key_spec
                     )
                 except BackupFailed as exc:
                     # a view that broke because the scratch area filled up: say so
@@ -314,7 +306,7 @@ class BackupRun:
         self.result.source = source
 
     async def _commit(
-        self, staged: StagedBackup, backup: str, plan: Plan, records: list[DiskRecord]
+        self, staged: Staged, backup: str, plan: Plan, records: list[DiskRecord]
     ) -> Manifest:
         if self.hooks.before_commit is not None:
             await self.hooks.before_commit()

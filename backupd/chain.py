@@ -8,27 +8,29 @@ or follow a backing path out of the repository.  So every repository image goes 
 
 - the chain comes from the manifests (:meth:`VMRepository.chain`: it always ends);
 - the file of disk D of backup B is exactly ``<vm>/<B>/<D>.qcow2``, opened without
-  following a symlink at any level (:meth:`VMRepository.open_file`);
+  following a symlink at any level (:meth:`VMRepository.open_file`), or the object of
+  that key pinned to the version read (:class:`backupd.storage.s3image.ObjectImage`);
 - :func:`backupd.qcow2.inspector.inspect_image` accepts its header and tables;
 - its backing file name is exactly ``../<parent>/<D>.qcow2`` (none for a full), and its
   virtual and cluster sizes are the ones its manifest records.
 
-The checked descriptors stay open while the caller needs them, so a caller can hand
-qemu the very files that were checked (``/dev/fd/N``) instead of names.
+The checked images stay open while the caller needs them, so a caller can hand qemu
+the very files that were checked (``/dev/fd/N``, or the pinned object with the checked
+metadata: :meth:`~backupd.storage.images.ImageFile.qemu_file`) instead of names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 
 from backupd.errors import ChainError, NotFoundError, RepositoryError
 from backupd.manifest import Manifest
 from backupd.qcow2.inspector import ImageFacts, ImageRefused, inspect_image
-from backupd.repository import VMRepository
+from backupd.storage.images import ImageFile
+from backupd.storage.vmrepo import VMRepo
 
 #: encrypted files are admitted only for VMs configured with encryption (callers say so)
 ALLOW_ENCRYPTION = False
@@ -36,12 +38,14 @@ ALLOW_ENCRYPTION = False
 
 @dataclass(frozen=True, slots=True)
 class CheckedFile:
-    """One file of a chain, open on ``fd`` (the descriptor the checks read through)."""
+    """One file of a chain, open as ``image`` (what the checks read through; ``fd`` is
+    its descriptor when it is a local file, else -1)."""
 
     backup: str
-    path: Path
+    path: PurePath
     fd: int
     facts: ImageFacts
+    image: ImageFile
 
 
 def image_name(disk: str) -> str:
@@ -49,7 +53,7 @@ def image_name(disk: str) -> str:
 
 
 def check_image(
-    repo: VMRepository,
+    repo: VMRepo,
     manifest: Manifest,
     disk: str,
     parent: Manifest | None,
@@ -57,18 +61,33 @@ def check_image(
     allow_encryption: bool = ALLOW_ENCRYPTION,
 ) -> CheckedFile:
     """Open and check the file of ``disk`` in ``manifest``'s backup, whose parent in the
-    chain is ``parent`` (ChainError saying why it is refused).  The caller closes ``fd``."""
+    chain is ``parent`` (ChainError saying why it is refused).  The caller closes
+    ``image``."""
     if disk not in manifest.disks:
         raise NotFoundError(f"backup {manifest.id} of vm {repo.vm} has no disk {disk!r}")
     where = f"backup {manifest.id} of vm {repo.vm}, disk {disk}"
     try:
-        fd = repo.open_file(manifest.id, image_name(disk))
+        image = repo.image(manifest.id, image_name(disk))
     except FileNotFoundError:
         raise ChainError(f"{where}: file {image_name(disk)} is missing") from None
     except RepositoryError as exc:  # a symlink or a special file in its place
         raise ChainError(str(exc)) from None
+    return check_open_image(image, manifest, disk, parent, allow_encryption=allow_encryption)
+
+
+def check_open_image(
+    image: ImageFile,
+    manifest: Manifest,
+    disk: str,
+    parent: Manifest | None,
+    *,
+    allow_encryption: bool = ALLOW_ENCRYPTION,
+) -> CheckedFile:
+    """The gate's checks of an image already open (e.g. a copy that just arrived, before
+    its manifest exists): closed again and ChainError when it is refused."""
+    where = f"backup {manifest.id} of vm {manifest.vm}, disk {disk}"
     try:
-        facts = inspect_image(fd, allow_encryption=allow_encryption)
+        facts = inspect_image(image.inspectable, allow_encryption=allow_encryption)
         record = manifest.disks[disk]
         expected = None if parent is None else f"../{parent.id}/{image_name(disk)}"
         if facts.backing_file != expected:
@@ -82,17 +101,17 @@ def check_image(
                 f"manifest says {record.virtual_size} in {record.cluster_size}"
             )
     except ImageRefused as exc:
-        os.close(fd)
+        image.close()
         raise ChainError(f"{where}: {exc}; refusing to open it") from None
     except BaseException:
-        os.close(fd)
+        image.close()
         raise
-    return CheckedFile(manifest.id, repo.path / manifest.id / image_name(disk), fd, facts)
+    return CheckedFile(manifest.id, image.path, image.fd, facts, image)
 
 
 @contextlib.contextmanager
 def checked_chain(
-    repo: VMRepository, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
+    repo: VMRepo, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
 ) -> Iterator[list[CheckedFile]]:
     """Every file of ``disk`` from the full to ``backup``, checked and held open until
     the block ends (ChainError for the first one refused).  ``encrypted``: the VM is
@@ -106,12 +125,12 @@ def checked_chain(
         yield files
     finally:
         for checked in files:
-            os.close(checked.fd)
+            checked.image.close()
 
 
 def chain_files(
-    repo: VMRepository, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
-) -> list[Path]:
+    repo: VMRepo, backup: Manifest, disk: str, *, encrypted: bool = ALLOW_ENCRYPTION
+) -> list[PurePath]:
     """The paths of ``disk``'s chain from the full to ``backup``, every file checked."""
     with checked_chain(repo, backup, disk, encrypted=encrypted) as files:
         return [checked.path for checked in files]

@@ -129,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.debug("unexpected error", exc_info=True)
             print(f"backupd: {text} (run with --log-level debug for details)", file=sys.stderr)
         return code
+    finally:
+        from backupd.storage.repositories import close_repositories
+
+        close_repositories()
 
 
 if __name__ == "__main__":

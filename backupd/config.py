@@ -18,7 +18,12 @@ import yaml
 from backupd import names
 from backupd.errors import ConfigError
 from backupd.keys import Encryption, parse_encryption
+from backupd.objectstore.settings import S3Settings
+from backupd.storage.location import Location, S3Location, parse_location
 from nbdclient.constants import DEFAULT_REQUEST_SIZE
+
+#: the scratch folder of a VM whose repository is in object storage (it must be local)
+S3_SCRATCH_DIR = Path("/var/lib/backupd/scratch")
 
 
 class Fleecing(StrEnum):
@@ -112,11 +117,14 @@ class VMConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
-    repository: Path
+    #: a local folder, or a bucket and key prefix (``repository: s3://BUCKET/PREFIX``)
+    repository: Location
     scratch_dir: Path
     runtime_dir: Path | None
     metrics_file: Path | None
     vms: Mapping[str, VMConfig]
+    #: how to reach object storage (the ``s3:`` block; defaults when absent)
+    s3: S3Settings = field(default_factory=S3Settings)
 
     def vm(self, name: str) -> VMConfig:
         try:
@@ -194,7 +202,7 @@ SETTINGS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
 }
 _SETTING_KEYS = set(SETTINGS)
 _TOP_KEYS = {
-    "repository", "scratch_dir", "runtime_dir", "metrics_file", "vms", "encryption"
+    "repository", "scratch_dir", "runtime_dir", "metrics_file", "vms", "encryption", "s3"
 } | _SETTING_KEYS  # fmt: skip
 _VM_KEYS = {"qmp", "guest_agent", "disks", "images", "encryption"} | _SETTING_KEYS
 _IMAGE_KEYS = {"path", "format"}
@@ -338,9 +346,8 @@ def parse_config(data: Any, path: Path) -> Config:
     repo = _get(data, "repository", str, "")
     if not repo:
         raise ConfigError(f"{path}: 'repository' is required")
-    repository = Path(repo)
-    if not repository.is_absolute():
-        repository = (path.parent / repository).resolve()
+    repository = parse_location(repo, path.parent)
+    s3 = S3Settings.from_mapping(data["s3"]) if data.get("s3") is not None else S3Settings()
     scratch = _get(data, "scratch_dir", str, "")
     runtime = _get(data, "runtime_dir", str, "")
     metrics = _get(data, "metrics_file", str, "")
@@ -396,11 +403,18 @@ def parse_config(data: Any, path: Path) -> Config:
             encryption=vm_encryption,
         )
 
+    if scratch:
+        scratch_dir = beside_config(scratch)
+    elif isinstance(repository, S3Location):
+        scratch_dir = S3_SCRATCH_DIR
+    else:
+        scratch_dir = repository / ".scratch"
     return Config(
         path=path,
         repository=repository,
-        scratch_dir=beside_config(scratch) if scratch else repository / ".scratch",
+        scratch_dir=scratch_dir,
         runtime_dir=beside_config(runtime) if runtime else None,
         metrics_file=beside_config(metrics) if metrics else None,
         vms=vms,
+        s3=s3,
     )

@@ -4,7 +4,6 @@ run, not per disk), a progress bar per disk, and one clear error when a copy fai
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backupd.config import VMConfig
@@ -13,7 +12,7 @@ from backupd.manifest import DiskRecord
 from backupd.planning import Plan
 from backupd.progress import Progress, ProgressMode
 from backupd.qemu.fleece import DiskExport
-from backupd.transfer import run_pool, transfer_disk
+from backupd.transfer import Staging, run_pool, transfer_disk
 
 if TYPE_CHECKING:
     from backupd.qcow2.encryption import KeySpec
@@ -21,14 +20,15 @@ if TYPE_CHECKING:
 
 async def copy_disks(
     exports: list[DiskExport],
-    folder: Path,
+    staging: Staging,
     plan: Plan,
     vm: VMConfig,
     progress_mode: ProgressMode,
     encryption: KeySpec | None = None,
 ) -> list[DiskRecord]:
     bars: list[Progress] = []
-    pool = run_pool(vm.transfer)  # buffers shared by the disks: memory is per run
+    # buffers shared by the disks: memory is per run
+    pool = run_pool(vm.transfer, staging.read_buffers(vm.transfer))
 
     async def one(export: DiskExport) -> DiskRecord:
         bar: Progress | None = None
@@ -49,9 +49,10 @@ async def copy_disks(
             node=export.disk.node,
             uri=export.uri,
             dirty_context=export.dirty_context,
-            path=folder / f"{export.disk.name}.qcow2",
+            staging=staging,
             backing_file=backing,
             settings=vm.transfer,
+            disks=len(exports),
             # a stalled qemu fails the run instead of hanging it
             request_timeout=max(vm.timeout, 5.0),
             progress=on_progress,
@@ -68,7 +69,7 @@ async def copy_disks(
         cause = _first_cause(group_error)
         if isinstance(cause, asyncio.CancelledError):
             raise cause from None
-        raise _as_backup_error(cause, folder) from cause
+        raise _as_backup_error(cause, staging.where) from cause
     finally:
         for bar in bars:
             bar.close()
@@ -83,7 +84,7 @@ def _first_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _as_backup_error(exc: BaseException, folder: Path) -> BaseException:
+def _as_backup_error(exc: BaseException, folder: str) -> BaseException:
     from nbdclient import NBDError
 
     exc = _first_cause(exc)

@@ -16,8 +16,12 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from backupd.config import Config
 
 
 def private_dir(path: Path, what: str) -> Path:
@@ -46,6 +50,15 @@ def private_dir(path: Path, what: str) -> Path:
             "make it 0700 or use a folder of its own"
         )
     return path
+
+
+def runtime_base(config: Config) -> Path:
+    """The folder for backupd's sockets and host locks (private, 0700)."""
+    base = config.runtime_dir
+    if base is None:
+        run = Path("/run/backupd")
+        base = run if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / "backupd"
+    return private_dir(base, "runtime_dir")
 
 
 def create_exclusive(path: Path, mode: int = 0o600, flags: int = os.O_WRONLY) -> int:

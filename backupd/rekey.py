@@ -78,7 +78,7 @@ async def _rekey_file(
     try:
         fd = os.open(f"/proc/self/fd/{checked.fd}", os.O_RDWR | os.O_CLOEXEC)
     finally:
-        os.close(checked.fd)
+        checked.image.close()
     try:
         old_opens, new_opens = await _opens(fd, old), await _opens(fd, new)
         if not old_opens and not new_opens:
@@ -94,7 +94,7 @@ async def _rekey_file(
     finally:
         os.close(fd)
     try:  # qemu may have rewritten the header in its own form
-        os.close(check_image(repo, manifest, disk, parent, allow_encryption=True).fd)
+        check_image(repo, manifest, disk, parent, allow_encryption=True).image.close()
     except ChainError:
         canonical_header(repo, manifest.id, disk)
     return True

@@ -13,28 +13,41 @@ staging folder, fsynced, then the folder is renamed and the VM folder fsynced.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import functools
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backupd.errors import ChainError, NotFoundError, RepositoryError, UsageError
+from backupd.errors import NotFoundError, RepositoryError, UsageError
 from backupd.faults import checkpoint
 from backupd.lock import vm_lock
 from backupd.manifest import Manifest
 from backupd.names import check_name, is_backup_id
 from backupd.repofiles import open_folder, open_regular
+from backupd.storage.images import LocalImage
+from backupd.storage.vmrepo import (
+    ID_FORMAT,
+    MANIFEST,
+    MERGE_JOURNAL,
+    Leftover,
+    MergeSteps,
+    VMRepo,
+    backup_id,
+    parse_manifest,
+)
 
-ID_FORMAT = "%Y%m%dT%H%M%SZ"
+if TYPE_CHECKING:
+    from backupd.config import Transfer
+    from backupd.qcow2.encryption import ImageKey
+    from backupd.qcow2.sink import Qcow2Sink
+
+__all__ = ["ID_FORMAT", "MANIFEST", "MERGE_JOURNAL", "Repository", "VMRepository", "backup_id"]
+
 STAGING_PREFIX = ".tmp-"
-MANIFEST = "manifest.json"
-
-
-#: the journal of a merge in progress (backupd.merge.journal)
-MERGE_JOURNAL = ".merge.json"
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -44,10 +57,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def backup_id(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).strftime(ID_FORMAT)
 
 
 class StagedBackup:
@@ -62,6 +71,37 @@ class StagedBackup:
 
     def file(self, disk: str) -> Path:
         return self.path / f"{check_name('disk', disk, RepositoryError)}.qcow2"
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def read_buffers(self, settings: Transfer) -> int | None:
+        return None  # the default: local disks write as fast as qemu reads
+
+    def sink(
+        self,
+        disk: str,
+        size: int,
+        *,
+        backing_file: str | None,
+        compress: bool,
+        expected: int = 0,
+        disks: int = 1,
+        encryption: tuple[ImageKey, bytes] | None = None,
+    ) -> Qcow2Sink:
+        """A new qcow2 file for ``disk`` in the staging folder, as a copy engine sink
+        (removed again on abort); ``encryption``: its key and LUKS header region."""
+        from backupd.qcow2.sink import Qcow2Sink
+
+        return Qcow2Sink.create(
+            self.file(disk),
+            size,
+            backing_file=backing_file,
+            digests=True,
+            compress=compress,
+            encryption=encryption,
+        )
 
     def commit(self, manifest: Manifest) -> Path:
         """fsync every file, write the manifest, rename into place, fsync the VM folder."""
@@ -95,17 +135,21 @@ class StagedBackup:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-class VMRepository:
-    """The backups of one VM.  Everything below the repository root is untrusted:
-    folders and files are opened without following symlinks, and only what has
-    exactly the layout's name and type is read."""
+class VMRepository(VMRepo):
+    """The backups of one VM in a local folder.  Everything below the repository root
+    is untrusted: folders and files are opened without following symlinks, and only
+    what has exactly the layout's name and type is read."""
 
     def __init__(self, root: Path, vm: str) -> None:
-        self.vm = check_name("VM", vm, UsageError)
+        super().__init__(vm)
         self.root = root
         self.path = root / vm
         # manifests already parsed, by id: (inode, size, mtime) of the file, manifest
         self._loaded: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
+
+    @property
+    def where(self) -> str:
+        return str(self.root)
 
     @property
     def lock_path(self) -> Path:
@@ -115,6 +159,10 @@ class VMRepository:
     def readers_path(self) -> Path:
         """The lock shared by everything that reads backups, exclusive for prune."""
         return self.path / ".readers"
+
+    def check_readable(self) -> None:
+        with contextlib.suppress(FileNotFoundError):  # no run yet
+            os.stat(self.path)
 
     def ensure(self) -> None:
         for folder in (self.root, self.path):
@@ -259,92 +307,31 @@ class VMRepository:
             if cached is not None and cached[0] == identity:
                 return cached[1]  # parsed before and unchanged (a chain walk after latest)
             raw = f.read()
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError as exc:
-            raise RepositoryError(f"corrupt manifest {path}: {exc}") from None
-        manifest = Manifest.from_json(text, str(path))
-        if manifest.id != backup or manifest.vm != self.vm:
-            raise RepositoryError(f"manifest {path} belongs to {manifest.vm}/{manifest.id}")
+        manifest = parse_manifest(raw, self.vm, backup, str(path))
         self._loaded[backup] = (identity, manifest)
         return manifest
 
-    def backups(self) -> list[Manifest]:
-        return [self.load(b) for b in self.ids()]
+    def pending_ids(self) -> list[str]:
+        return [
+            name[len(STAGING_PREFIX) :]
+            for name in (p.name for p in self.staging())
+            if is_backup_id(name[len(STAGING_PREFIX) :])
+        ]
 
-    def latest(self) -> Manifest | None:
-        ids = self.ids()
-        return self.load(ids[-1]) if ids else None
+    def leftovers(self) -> list[Leftover]:
+        return [
+            Leftover(stale.name, functools.partial(shutil.rmtree, stale, ignore_errors=True))
+            for stale in self.staging()
+        ]
 
-    def latest_good(self) -> tuple[Manifest | None, list[tuple[str, str]]]:
-        """The newest backup whose manifest is sound, and the newer ones skipped because
-        theirs is damaged, with why (a run continues from the newest good backup)."""
-        skipped: list[tuple[str, str]] = []
-        for backup in reversed(self.ids()):
-            try:
-                return self.load(backup), skipped
-            except RepositoryError as exc:
-                skipped.append((backup, str(exc)))
-        return None, skipped
+    def merge_steps(self) -> MergeSteps:
+        from backupd.merge.fold import LOCAL_STEPS
 
-    def unfinished_merge(self) -> bool:
-        """A merge (prune) was interrupted and is not finished yet."""
-        return self.read_own_file(MERGE_JOURNAL) is not None
+        return LOCAL_STEPS
 
-    def refuse_unfinished_merge(self) -> None:
-        """RepositoryError while a merge is unfinished (its backups are being changed):
-        for commands that read backups."""
-        if self.unfinished_merge():
-            raise RepositoryError(
-                f"vm {self.vm}: a merge (prune) was interrupted; finish it first with "
-                f"backupd prune --vm {self.vm} (or the next backupd run)"
-            )
-
-    def resolve(self, backup: str | None) -> Manifest:
-        """A backup by id, or the newest for None / ``latest`` (refused while a merge is
-        unfinished)."""
-        self.refuse_unfinished_merge()
-        if backup in (None, "latest"):
-            latest = self.latest()
-            if latest is None:
-                raise NotFoundError(f"vm {self.vm} has no backups in {self.root}")
-            return latest
-        assert backup is not None
-        return self.load(backup)
-
-    def chain(self, backup: str) -> list[Manifest]:
-        """The backups ``backup`` depends on, from its full to itself.  Always ends:
-        a missing or damaged parent or a cycle is a ChainError."""
-        chain = [self.load(backup)]
-        seen = {backup}
-        while chain[-1].parent is not None:
-            child, parent = chain[-1], chain[-1].parent
-            if parent in seen:
-                raise ChainError(f"backup {child.id} of vm {self.vm}: its chain loops at {parent}")
-            seen.add(parent)
-            try:
-                chain.append(self.load(parent))
-            except NotFoundError:
-                raise ChainError(
-                    f"backup {child.id} of vm {self.vm} needs missing parent {parent}"
-                ) from None
-            except RepositoryError as exc:
-                raise ChainError(
-                    f"backup {child.id} of vm {self.vm} needs damaged parent {parent}: {exc}"
-                ) from None
-        return list(reversed(chain))
-
-    def new_id(self, now: dt.datetime | None = None) -> str:
-        """An id for a new backup: now, or one second after the newest id in the folder
-        when the clock is behind it (computed, not searched: a clock a year behind costs
-        nothing)."""
-        candidate = backup_id(now or dt.datetime.now(dt.UTC))
-        taken = self.ids() + [p.name[len(STAGING_PREFIX) :] for p in self.staging()]
-        newest = max((b for b in taken if is_backup_id(b)), default=None)
-        if newest is not None and candidate <= newest:
-            moment = dt.datetime.strptime(newest, ID_FORMAT).replace(tzinfo=dt.UTC)
-            candidate = backup_id(moment + dt.timedelta(seconds=1))
-        return candidate
+    def image(self, backup: str, name: str) -> LocalImage:
+        """The file ``<vm>/<backup>/<name>`` opened as :meth:`open_file` does."""
+        return LocalImage(self.open_file(backup, name), self.path / backup / name)
 
     def stage(self, backup: str) -> StagedBackup:
         self.ensure()

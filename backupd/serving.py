@@ -35,8 +35,8 @@ from backupd.chain import CheckedFile, checked_chain
 from backupd.errors import BackupdError, EncryptionKeyError, NotFoundError, UsageError
 from backupd.keys import SECRET_ID, Key
 from backupd.manifest import Manifest
-from backupd.repository import VMRepository
 from backupd.shield import run_to_completion
+from backupd.storage.vmrepo import VMRepo
 
 log = logging.getLogger("backupd.serve")
 
@@ -74,24 +74,27 @@ def load_psk_file(path: Path) -> bytes:
     return b"".join(lines)
 
 
-def blockdev_for(files: list[CheckedFile], index: int) -> dict[str, object]:
-    """The chain of one disk as nested qemu nodes, each file given as the descriptor the
-    gate checked (``/dev/fd/N``: a file swapped in the repository after the check is not
-    what qemu opens), encrypted ones with the key's secret.  Node names are short
-    (``d<index>-<depth>``): qemu allows 31 characters, disk names may be longer."""
-    node: dict[str, object] | None = None
+def blockdev_for(files: list[CheckedFile], index: int) -> list[dict[str, object]]:
+    """The chain of one disk as qemu nodes, the full first, each backed by the node
+    before it (by node name: qemu then never works out a backing file's name, which an
+    NBD file node cannot give), each file given as what the gate checked
+    (``/dev/fd/N``: a file swapped in the repository after the check is not what qemu
+    opens; an object pinned to the checked version, its checked metadata kept),
+    encrypted ones with the key's secret.  Node names are short (``d<index>-<depth>``):
+    qemu allows 31 characters, disk names may be longer."""
+    nodes: list[dict[str, object]] = []
     for depth, checked in enumerate(files):
-        node = {
+        node: dict[str, object] = {
             "driver": "qcow2",
             "node-name": f"d{index}-{depth}",
             "read-only": True,
-            "file": {"driver": "file", "filename": f"/dev/fd/{checked.fd}", "read-only": True},
-            "backing": node if node is not None else None,
+            "file": checked.image.qemu_file(),
+            "backing": nodes[-1]["node-name"] if nodes else None,
         }
         if checked.facts.encrypted:
             node["encrypt"] = {"format": "luks", "key-secret": SECRET_ID}
-    assert node is not None
-    return node
+        nodes.append(node)
+    return nodes
 
 
 class ServedImage:
@@ -104,7 +107,7 @@ class ServedImage:
 
     def __init__(
         self,
-        repo: VMRepository,
+        repo: VMRepo,
         manifest: Manifest,
         disks: list[str] | None = None,
         *,
@@ -113,11 +116,15 @@ class ServedImage:
         tls_dir: Path | None = None,
         psk_keys: bytes | None = None,
         key: Key | None = None,
+        chains: dict[str, list[CheckedFile]] | None = None,
     ) -> None:
         """``key``: the VM's encryption key (its files are encrypted), open until the
-        image is stopped."""
+        image is stopped; ``chains``: files of each disk the caller has checked itself
+        (and closes), instead of every file of the manifest's chain (a merge serving a
+        point while its files change)."""
         self.repo = repo
         self.key = key
+        self.chains = chains
         self.manifest = manifest
         self.disks = disks or sorted(manifest.disks)
         for disk in self.disks:
@@ -194,13 +201,17 @@ class ServedImage:
                     fds.append(self.key.fd)
                 tops: list[str] = []
                 for index, disk in enumerate(self.disks):
-                    files = held.enter_context(
-                        checked_chain(self.repo, self.manifest, disk, encrypted=bool(self.key))
-                    )
-                    fds += [checked.fd for checked in files]
-                    node = blockdev_for(files, index)
-                    args += ["--blockdev", json.dumps(node)]
-                    tops.append(str(node["node-name"]))
+                    if self.chains is not None:
+                        files = self.chains[disk]
+                    else:
+                        files = held.enter_context(
+                            checked_chain(self.repo, self.manifest, disk, encrypted=bool(self.key))
+                        )
+                    fds += [fd for checked in files for fd in checked.image.pass_fds]
+                    nodes = blockdev_for(files, index)
+                    for node in nodes:
+                        args += ["--blockdev", json.dumps(node)]
+                    tops.append(str(nodes[-1]["node-name"]))
                 args += self._server_args()
                 for index, (disk, top) in enumerate(zip(self.disks, tops, strict=True)):
                     export = {"type": "nbd", "id": f"e{index}", "node-name": top, "name": disk}

@@ -18,7 +18,8 @@ from backupd.config import Config
 from backupd.errors import RepositoryError
 from backupd.logs import Outcome
 from backupd.names import is_name
-from backupd.repository import Repository, VMRepository
+from backupd.storage.repositories import repository_for
+from backupd.storage.vmrepo import VMRepo
 
 STATUS_FILE = ".status.json"
 
@@ -63,10 +64,9 @@ class RunRecord:
     source: str | None = None
 
 
-def record_run(repo: VMRepository, record: RunRecord) -> None:
+def record_run(repo: VMRepo, record: RunRecord) -> None:
     """Store the outcome of a run (the last success is kept across failures)."""
     repo.ensure()
-    path = repo.path / STATUS_FILE
     data = read_status(repo)
     entry = {
         "result": record.result,
@@ -84,10 +84,11 @@ def record_run(repo: VMRepository, record: RunRecord) -> None:
     data["last_run"] = entry
     if record.result is Outcome.OK:
         data["last_success"] = entry
-    _atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    repo.write_own_file(STATUS_FILE, text.encode())
 
 
-def read_status(repo: VMRepository) -> dict[str, Any]:
+def read_status(repo: VMRepo) -> dict[str, Any]:
     """The recorded runs; an entry of the wrong shape (the repository is not trusted)
     is left out, as if it had never been written."""
     try:
@@ -116,9 +117,9 @@ def _sound(entry: object) -> bool:
     )
 
 
-def _unreadable(repo: VMRepository, exc: OSError) -> RepositoryError:
+def _unreadable(repo: VMRepo, exc: OSError) -> RepositoryError:
     return RepositoryError(
-        f"cannot read {exc.filename or repo.path}: permission denied (the repository is "
+        f"cannot read {exc.filename or repo.where}: permission denied (the repository is "
         "root's alone; monitoring users read the metrics_file, which is world-readable)"
     )
 
@@ -126,13 +127,11 @@ def _unreadable(repo: VMRepository, exc: OSError) -> RepositoryError:
 def vm_status(config: Config, vm: str, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows for one VM."""
     now = time.time() if now is None else now
-    repo = Repository(config.repository).vm(vm)
+    repo = repository_for(config).vm(vm)
     try:
-        os.stat(repo.path)
+        repo.check_readable()
     except PermissionError as exc:
         raise _unreadable(repo, exc) from None
-    except FileNotFoundError:
-        pass  # no run yet
     status = read_status(repo)
     try:
         ids = repo.ids()
@@ -185,7 +184,7 @@ METRICS = (
 
 def _samples(config: Config, vm: str) -> dict[str, list[tuple[str, float]]]:
     """Per metric: (extra labels, value) of one VM."""
-    last = read_status(Repository(config.repository).vm(vm)).get("last_run") or {}
+    last = read_status(repository_for(config).vm(vm)).get("last_run") or {}
     info = vm_status(config, vm)
     ended = last.get("started", 0) + last.get("duration", 0) if last else 0
     disks = sorted((last.get("disks") or {}).items())

@@ -17,20 +17,19 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DiskRecord
 from backupd.qcow2.layout import CLUSTER_SIZE
 from backupd.qcow2.sink import Qcow2Sink
-
-if TYPE_CHECKING:
-    from backupd.qcow2.encryption import KeySpec
 from nbdclient.copy import WRITE_BATCH, BufferPool, Plan, Source, copy
 from nbdclient.copy.plan import Interval, blocks_touched, intersect, subtract
 from nbdclient.extents import MappedExtent
+
+if TYPE_CHECKING:
+    from backupd.qcow2.encryption import ImageKey, KeySpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +42,29 @@ class CopyPlan:
     @property
     def data_clusters(self) -> int:
         return sum(e - s for s, e in self.data)
+
+
+class Staging(Protocol):
+    """Where a run's images go (a staging folder, or uploads into a bucket)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def sink(
+        self,
+        disk: str,
+        size: int,
+        *,
+        backing_file: str | None,
+        compress: bool,
+        expected: int = 0,
+        disks: int = 1,
+        encryption: tuple[ImageKey, bytes] | None = None,
+    ) -> Qcow2Sink: ...
+
+    def read_buffers(self, settings: Transfer) -> int | None:
+        """Read buffers of the run (None: :func:`run_pool`'s default)."""
+        ...
 
 
 def plan_clusters(
@@ -66,10 +88,11 @@ def buffer_size(settings: Transfer) -> int:
     return max(settings.request_size // CLUSTER_SIZE * CLUSTER_SIZE, CLUSTER_SIZE, WRITE_BATCH)
 
 
-def run_pool(settings: Transfer) -> BufferPool:
+def run_pool(settings: Transfer, batches: int | None = None) -> BufferPool:
     """The buffers of one run: one per batch in flight of a disk, twice over for runs of
-    several disks (their copies share the host's disk and CPU anyway)."""
-    return BufferPool(buffer_size(settings), 2 * max(1, settings.requests))
+    several disks (their copies share the host's disk and CPU anyway); or ``batches``."""
+    count = batches if batches is not None else 2 * max(1, settings.requests)
+    return BufferPool(buffer_size(settings), count)
 
 
 async def _fault_points(reads: int) -> None:
@@ -83,9 +106,10 @@ async def transfer_disk(
     node: str,
     uri: str,
     dirty_context: str | None,
-    path: Path,
+    staging: Staging,
     backing_file: str | None,
     settings: Transfer,
+    disks: int = 1,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     timeout: float = 10.0,
@@ -93,9 +117,10 @@ async def transfer_disk(
     pool: BufferPool | None = None,
     encryption: KeySpec | None = None,
 ) -> DiskRecord:
-    """Copy one exported disk into a new qcow2 file at ``path`` (removed again on any
-    error); ``pool`` gives the buffers (shared by the disks of a run), else the disk
-    gets its own; ``encryption``: the file is LUKS-encrypted (a master key of its own)."""
+    """Copy one exported disk into a new qcow2 image of ``staging`` (removed again on
+    any error); ``pool`` gives the buffers (shared by the ``disks`` of a run), else the
+    disk gets its own; ``encryption``: the image is LUKS-encrypted (a master key of its
+    own)."""
     started = time.monotonic()
     # PBKDF2 of the new key slot: in a thread, while the other disks go on
     image_key = None
@@ -111,12 +136,13 @@ async def transfer_disk(
         plan = Plan.from_blocks(clusters.data, clusters.zero, CLUSTER_SIZE, size)
         if on_total is not None:
             on_total(plan.read_bytes)
-        sink = Qcow2Sink.create(
-            path,
+        sink = staging.sink(
+            name,
             size,
             backing_file=backing_file,
-            digests=True,
             compress=settings.compress,
+            expected=plan.read_bytes,
+            disks=disks,
             encryption=image_key,
         )
         stats = await copy(
@@ -133,7 +159,7 @@ async def transfer_disk(
         seconds = time.monotonic() - started
     return DiskRecord(
         name=name,
-        file=path.name,
+        file=f"{name}.qcow2",
         node=node,
         virtual_size=size,
         cluster_size=CLUSTER_SIZE,

@@ -20,14 +20,13 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiofiles
-
 from backupd.chain import CheckedFile, checked_chain
 from backupd.digests import hasher
 from backupd.errors import BackupdError, EncryptionKeyError, NotFoundError
 from backupd.keys import SECRET_ID, Key
 from backupd.manifest import Manifest
-from backupd.repository import VMRepository
+from backupd.storage.images import ImageFile
+from backupd.storage.vmrepo import VMRepo
 
 if TYPE_CHECKING:
     from backupd.qcow2.encryption import ImageKey
@@ -50,14 +49,11 @@ class Report:
         return not self.problems
 
 
-def _image_opts(fd: int, encrypted: bool) -> str:
-    """The checked file as qemu sees it: by descriptor, with no backing file (the chain
-    was checked by the gate; qemu-img check needs only this file's metadata)."""
-    spec: dict[str, object] = {
-        "driver": "qcow2",
-        "backing": None,
-        "file": {"driver": "file", "filename": f"/dev/fd/{fd}"},
-    }
+def _image_opts(image: ImageFile, encrypted: bool) -> str:
+    """The checked file as qemu sees it: by descriptor (or the pinned object), with no
+    backing file (the chain was checked by the gate; qemu-img check needs only this
+    file's metadata)."""
+    spec: dict[str, object] = {"driver": "qcow2", "backing": None, "file": image.qemu_file()}
     if encrypted:
         spec["encrypt"] = {"format": "luks", "key-secret": SECRET_ID}
     return "json:" + json.dumps(spec)
@@ -72,10 +68,10 @@ async def _qemu_img_check(checked: CheckedFile, key: Key | None) -> str | None:
         *secret,
         "-U",
         "--output=json",
-        _image_opts(checked.fd, encrypted),
+        _image_opts(checked.image, encrypted),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        pass_fds=(checked.fd, key.fd) if encrypted and key else (checked.fd,),
+        pass_fds=checked.image.pass_fds + ((key.fd,) if encrypted and key else ()),
     )
     out, err = await proc.communicate()
     if proc.returncode == 0:
@@ -105,39 +101,39 @@ async def _check_digests(
     report: Report,
     image_key: ImageKey | None = None,
 ) -> None:
-    """Re-hash every stored run (reads through aiofiles, decrypting and hashing in a
+    """Re-hash every stored run (reads off the event loop, decrypting and hashing in a
     thread)."""
     record = manifest.disks[disk]
     size = checked.facts.file_size
     digest_key = image_key.digest_key if image_key is not None else None
-    async with aiofiles.open(checked.fd, "rb", closefd=False) as f:
-        for run in record.digests:
-            if run.host_offset + run.length > size:
-                report.problems.append(
-                    f"backup {manifest.id} disk {disk}: data at guest offset {run.guest_offset} "
-                    f"is missing (file truncated to {size} bytes)"
-                )
-                return
-            await f.seek(run.host_offset)
-            digest = hasher(record.digest_algorithm, digest_key)
-            left = run.length
-            while left:
-                # encrypted: whole sectors (the cluster holding a run's end is the file's)
-                want = min(left, PIECE)
-                piece = await f.read(want if image_key is None else -(-want // 512) * 512)
-                if not piece:
-                    break
-                offset = run.host_offset + run.length - left
-                data = await asyncio.to_thread(_plaintext, image_key, piece, offset, want)
-                await asyncio.to_thread(digest.update, data)
-                left -= len(data)
-                report.bytes += len(data)
-            report.digests += 1
-            if left or digest.hexdigest() != run.digest:
-                report.problems.append(
-                    f"backup {manifest.id} disk {disk}: stored data at guest offset "
-                    f"{run.guest_offset} (+{run.length} bytes) does not match its digest"
-                )
+    for run in record.digests:
+        if run.host_offset + run.length > size:
+            report.problems.append(
+                f"backup {manifest.id} disk {disk}: data at guest offset {run.guest_offset} "
+                f"is missing (file truncated to {size} bytes)"
+            )
+            return
+        digest = hasher(record.digest_algorithm, digest_key)
+        left = run.length
+        while left:
+            # encrypted: whole sectors (the cluster holding a run's end is the file's)
+            want = min(left, PIECE)
+            offset = run.host_offset + run.length - left
+            piece = await checked.image.read(
+                offset, want if image_key is None else -(-want // 512) * 512
+            )
+            if not piece:
+                break
+            data = await asyncio.to_thread(_plaintext, image_key, piece, offset, want)
+            await asyncio.to_thread(digest.update, data)
+            left -= len(data)
+            report.bytes += len(data)
+        report.digests += 1
+        if left or digest.hexdigest() != run.digest:
+            report.problems.append(
+                f"backup {manifest.id} disk {disk}: stored data at guest offset "
+                f"{run.guest_offset} (+{run.length} bytes) does not match its digest"
+            )
 
 
 async def _unlock(checked: CheckedFile, key: Key | None, where: str) -> ImageKey | None:
@@ -147,12 +143,14 @@ async def _unlock(checked: CheckedFile, key: Key | None, where: str) -> ImageKey
     from backupd.qcow2.encryption import WrongKey, unlock_file
 
     try:
-        return await asyncio.to_thread(unlock_file, checked.fd, key.passphrase, where)
+        return await asyncio.to_thread(
+            unlock_file, checked.image.inspectable, key.passphrase, where
+        )
     except WrongKey as exc:
         raise EncryptionKeyError(f"{exc}: {key.settings.key_file}") from None
 
 
-async def verify_backup(repo: VMRepository, backup: str, key: Key | None = None) -> Report:
+async def verify_backup(repo: VMRepo, backup: str, key: Key | None = None) -> Report:
     """Verify one backup (``key``: the VM's encryption key, when it is encrypted)."""
     report = Report(backup)
     try:

@@ -16,11 +16,27 @@ import nbdclient.fileio as fileio
 from backupd.config import Transfer
 from backupd.digests import hexdigest
 from backupd.manifest import DiskRecord
+from backupd.qcow2.sink import Qcow2Sink
 from integration.harness.chain import make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.servers import qemu_nbd
 
 MiB = 1 << 20
 SIZE = 40 * MiB + 3 * 512  # the last cluster holds 1536 bytes of disk
+
+
+class OneFile:
+    """A staging of one image at a given path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def sink(
+        self, disk: str, size: int, *, backing_file: str | None, compress: bool, **_: int
+    ) -> Qcow2Sink:
+        return Qcow2Sink.create(
+            self.path, size, backing_file=backing_file, digests=True, compress=compress
+        )
 
 
 async def full_copy(source: Path, out: Path, sockdir: Path, settings: Transfer) -> DiskRecord:
@@ -31,7 +47,7 @@ async def full_copy(source: Path, out: Path, sockdir: Path, settings: Transfer) 
             node="n",
             uri=uri,
             dirty_context=None,
-            path=out,
+            staging=OneFile(out),
             backing_file=None,
             settings=settings,
         )

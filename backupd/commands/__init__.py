@@ -29,6 +29,7 @@ VERBS = {
     "merge": "fold the backups older than one into it (it becomes a full)",
     "keygen": "create a key file for encrypted backups",
     "rekey": "give every encrypted backup of a VM a new key (no data re-encrypted)",
+    "copy": "copy committed backups into another repository (a folder or s3://)",
 }
 
 

@@ -10,7 +10,8 @@ from backupd.commands import CommandContext
 from backupd.errors import BackupdError, RepositoryError
 from backupd.logs import human_bytes
 from backupd.merge.journal import read_journal
-from backupd.repository import Repository, VMRepository
+from backupd.storage.repositories import repository_for
+from backupd.storage.vmrepo import VMRepo
 
 NAME = "list"
 DESCRIPTION = """\
@@ -43,7 +44,7 @@ def _damaged(vm: str, backup: str | None, exc: BackupdError) -> dict[str, Any]:
     }
 
 
-def _merging(repo: VMRepository) -> dict[str, str]:
+def _merging(repo: VMRepo) -> dict[str, str]:
     """The backups an interrupted merge is changing, and how (until prune finishes it)."""
     try:
         journal = read_journal(repo)
@@ -62,7 +63,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
     names = [config.vm(args.vm).name] if args.vm else sorted(config.vms)
     rows: list[dict[str, Any]] = []
     for name in names:
-        repo = Repository(config.repository).vm(name)
+        repo = repository_for(config).vm(name)
         try:
             ids = repo.ids()
         except RepositoryError as exc:  # the VM's folder itself is not a folder

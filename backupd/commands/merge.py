@@ -10,7 +10,7 @@ from backupd.errors import NotFoundError
 from backupd.keys import vm_key
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
-from backupd.repository import Repository
+from backupd.storage.repositories import repository_for
 
 NAME = "merge"
 DESCRIPTION = """\
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     vm = config.vm(args.vm)
-    repo = Repository(config.repository).vm(vm.name)
+    repo = repository_for(config).vm(vm.name)
 
     def until(manifests: list[Manifest]) -> set[str]:
         by_id = {m.id: m for m in manifests}

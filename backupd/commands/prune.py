@@ -12,8 +12,8 @@ from backupd.errors import BackupdError, UsageError
 from backupd.keys import vm_key
 from backupd.manifest import Manifest
 from backupd.merge.execute import merge_vm
-from backupd.repository import Repository
 from backupd.retention import select
+from backupd.storage.repositories import repository_for
 
 NAME = "prune"
 DESCRIPTION = """\
@@ -81,7 +81,7 @@ async def _prune(config: Config, vm: VMConfig, dry_run: bool, quiet: bool) -> in
 
     with vm_key(vm.encryption) as key:
         await merge_vm(
-            Repository(config.repository).vm(vm.name),
+            repository_for(config).vm(vm.name),
             policy,
             purpose=f"backupd prune --vm {vm.name}",
             dry_run=dry_run,

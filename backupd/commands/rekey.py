@@ -12,7 +12,7 @@ from backupd.commands import CommandContext
 from backupd.errors import UsageError
 from backupd.keys import load_key
 from backupd.rekey import rekey_vm
-from backupd.repository import Repository
+from backupd.storage.repositories import local_repository
 
 NAME = "rekey"
 DESCRIPTION = """\
@@ -40,7 +40,7 @@ def execute(args: argparse.Namespace, context: CommandContext) -> int:
     if vm.encryption is None:
         raise UsageError(f"vm {vm.name} has no encryption configured: nothing to rekey")
     new_settings = dataclasses.replace(vm.encryption, key_file=args.new_key_file)
-    repo = Repository(config.repository).vm(vm.name)
+    repo = local_repository(config, "backupd rekey").vm(vm.name)
     with load_key(vm.encryption) as old, load_key(new_settings) as new:
         if old.passphrase == new.passphrase:
             raise UsageError(f"{args.new_key_file} holds the same key as {old.settings.key_file}")

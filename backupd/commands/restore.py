@@ -16,9 +16,9 @@ from backupd.interrupt import Interrupt, run_interruptible
 from backupd.keys import vm_key
 from backupd.logs import human_bytes
 from backupd.progress import Progress, ProgressMode, progress_mode
-from backupd.repository import Repository
 from backupd.restore import check_output, restore_to_file, restore_to_nbd
 from backupd.serving import ServedImage
+from backupd.storage.repositories import repository_for
 
 NAME = "restore"
 #: SIGINT/SIGTERM stay blocked until the event loop handles them (backupd.interrupt)
@@ -100,7 +100,7 @@ async def _restore(args: argparse.Namespace, context: CommandContext, interrupt:
         raise UsageError("--target-qmp, --resume and --speed go with --live")
     config = context.config()
     vm = config.vm(args.vm)
-    repo = Repository(config.repository).vm(vm.name)
+    repo = repository_for(config).vm(vm.name)
     if args.output is not None:
         check_output(args.output, args.force)
     if args.to is not None:

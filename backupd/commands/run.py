@@ -15,8 +15,8 @@ from backupd.interrupt import Interrupt, run_interruptible
 from backupd.logs import Outcome, log_summary
 from backupd.planning import Mode
 from backupd.progress import progress_mode
-from backupd.repository import Repository
 from backupd.status import RunRecord, record_run, write_metrics
+from backupd.storage.repositories import repository_for
 
 NAME = "run"
 #: SIGINT/SIGTERM stay blocked until the event loop handles them (see Interrupt)
@@ -80,7 +80,7 @@ def _record(config: Config, result: RunResult, started: float, error: str) -> No
     manifest, plan = result.manifest, result.plan
     try:
         record_run(
-            Repository(config.repository).vm(result.vm),
+            repository_for(config).vm(result.vm),
             RunRecord(
                 vm=result.vm,
                 result=Outcome.OK if manifest is not None else Outcome.FAILED,
@@ -99,6 +99,8 @@ def _record(config: Config, result: RunResult, started: float, error: str) -> No
         write_metrics(config)
     except OSError as exc:
         log.warning("%s: could not record the run's status: %s", result.vm, os_error_text(exc))
+    except BackupdError as exc:  # e.g. object storage unreachable
+        log.warning("%s: could not record the run's status: %s", result.vm, exc)
 
 
 async def _run_one(context: CommandContext, vm_name: str, mode: Mode, interrupt: Interrupt) -> int:

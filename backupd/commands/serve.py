@@ -11,8 +11,8 @@ from pathlib import Path
 from backupd.commands import CommandContext
 from backupd.errors import BackupdError, UsageError
 from backupd.keys import vm_key
-from backupd.repository import Repository
 from backupd.serving import ServedImage, load_psk_file
+from backupd.storage.repositories import repository_for
 
 NAME = "serve"
 DESCRIPTION = """\
@@ -72,7 +72,7 @@ def _listen(text: str | None) -> tuple[str, int] | None:
 async def _serve(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     vm = config.vm(args.vm)
-    repo = Repository(config.repository).vm(vm.name)
+    repo = repository_for(config).vm(vm.name)
     listen = _listen(args.listen)
     tls = args.tls_dir is not None or args.tls_psk_file is not None
     if listen is None and tls:

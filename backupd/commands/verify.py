@@ -10,7 +10,8 @@ from backupd.commands import CommandContext
 from backupd.errors import ExitCode, NotFoundError, RepositoryError
 from backupd.keys import vm_key
 from backupd.logs import human_bytes
-from backupd.repository import Repository, VMRepository
+from backupd.storage.repositories import repository_for
+from backupd.storage.vmrepo import VMRepo
 from backupd.verify import verify_backup
 
 NAME = "verify"
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", help="every backup of the VM")
 
 
-def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
+def _targets(repo: VMRepo, args: argparse.Namespace) -> list[str]:
     """The backups to verify: all, one, or the latest with what it needs (just the latest
     when its own manifest is damaged, so that the damage is reported as such)."""
     repo.refuse_unfinished_merge()
@@ -45,7 +46,7 @@ def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
         return [repo.resolve(args.backup).id]
     ids = repo.ids()
     if not ids:
-        raise NotFoundError(f"vm {repo.vm} has no backups in {repo.root}")
+        raise NotFoundError(f"vm {repo.vm} has no backups in {repo.where}")
     try:
         return [m.id for m in repo.chain(ids[-1])]
     except RepositoryError:
@@ -55,7 +56,7 @@ def _targets(repo: VMRepository, args: argparse.Namespace) -> list[str]:
 async def _verify(args: argparse.Namespace, context: CommandContext) -> int:
     config = context.config()
     vm = config.vm(args.vm)
-    repo = Repository(config.repository).vm(vm.name)
+    repo = repository_for(config).vm(vm.name)
     damaged: list[str] = []
     with vm_key(vm.encryption) as key, repo.readers(purpose=f"backupd verify --vm {args.vm}"):
         ids = _targets(repo, args)

@@ -15,7 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-from backupd.backup import runtime_base
 from backupd.commands import CommandContext
 from backupd.errors import UsageError
 from backupd.interrupt import Interrupt, run_interruptible
@@ -30,7 +29,9 @@ from backupd.live.flow import (
 from backupd.live.overlay import backing_file
 from backupd.live.state import StateError
 from backupd.manifest import Manifest
-from backupd.repository import Repository, VMRepository
+from backupd.private import runtime_base
+from backupd.repository import VMRepository
+from backupd.storage.repositories import local_repository
 
 log = logging.getLogger("backupd")
 
@@ -63,14 +64,15 @@ def options(args: argparse.Namespace, context: CommandContext) -> LiveOptions:
 async def _start(args: argparse.Namespace, context: CommandContext, opts: LiveOptions) -> None:
     clear_leftover(opts.output)
     config = context.config()
-    repo = Repository(config.repository).vm(config.vm(args.vm).name)
+    root = local_repository(config, "restore --live")
+    repo = root.vm(config.vm(args.vm).name)
     manifest = repo.resolve(args.backup)
     size = check_disk(manifest, args.disk, repo.vm)
     socket = live_state.socket_path(runtime_base(config), opts.output)
     await remove_leftover(opts.output)
     live_state.make_folder(opts.output)
     state = live_state.new_state(
-        opts.output, config.repository, repo.vm, manifest.id, args.disk, size, socket
+        opts.output, root.root, repo.vm, manifest.id, args.disk, size, socket
     )
     live = LiveRestore(state, opts)
     try:
@@ -113,12 +115,13 @@ async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
     manifest: Manifest | None = None
     if live.served.pid() is None and backing_file(output) is not None:
         config = context.config()  # serve again: the daemon is gone (a reboot?)
-        if Path(os.path.realpath(config.repository)) != Path(os.path.realpath(state.repository)):
+        root = local_repository(config, "restore --live")
+        if Path(os.path.realpath(root.root)) != Path(os.path.realpath(state.repository)):
             raise UsageError(
                 f"the live restore of {output} serves from repository {state.repository}, "
                 f"but the configuration names {config.repository}"
             )
-        repo = Repository(config.repository).vm(state.vm)
+        repo = root.vm(state.vm)
         repo.refuse_unfinished_merge()
         manifest = repo.load(state.backup)
     await live.resume(repo, manifest)

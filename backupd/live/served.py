@@ -97,13 +97,13 @@ class ServedPoint:
         lines = [line.strip() for line in lines if line.strip()]
         return lines[-1] if lines else "no message"
 
-    def _args(self, node: dict[str, object], disk: str) -> list[str]:
+    def _args(self, nodes: list[dict[str, object]], disk: str) -> list[str]:
         server = {"addr": {"type": "unix", "path": str(self.socket)}}
-        export = {"type": "nbd", "id": "e0", "node-name": node["node-name"], "name": disk}
+        export = {"type": "nbd", "id": "e0", "node-name": nodes[-1]["node-name"], "name": disk}
         return [
             "qemu-storage-daemon",
             *("--pidfile", str(self.pidfile)),
-            *("--blockdev", json.dumps(node)),
+            *(arg for node in nodes for arg in ("--blockdev", json.dumps(node))),
             *("--nbd-server", json.dumps(server)),
             *("--export", json.dumps({**export, "writable": False})),
         ]
@@ -118,7 +118,7 @@ class ServedPoint:
         lock = acquire(repo.readers_path, repo.vm, shared=True, purpose=holder)
         try:
             with checked_chain(repo, manifest, disk) as files:
-                node = blockdev_for(files, 0)
+                nodes = blockdev_for(files, 0)
                 log = os.open(
                     self.logfile,
                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -128,7 +128,7 @@ class ServedPoint:
                     # not in a thread: a cancel must not come between the fork and
                     # self._child, or a daemon would run that nothing knows of
                     self._child = subprocess.Popen(  # noqa: ASYNC220
-                        self._args(node, disk),
+                        self._args(nodes, disk),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,

@@ -9,10 +9,7 @@ by the next prune, merge or run, which hold the VM's locks) completes the plan.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 from collections.abc import Callable
 
 from backupd.errors import RepositoryError
@@ -20,28 +17,29 @@ from backupd.faults import checkpoint
 from backupd.keys import Key
 from backupd.logs import human_bytes
 from backupd.manifest import Manifest
-from backupd.merge.fold import check_fold, exchange, fold
 from backupd.merge.journal import Journal, State, clear_journal, read_journal, write_journal
 from backupd.merge.plan import Direction, MergePlan, plan_merges
-from backupd.repository import VMRepository
+from backupd.storage.vmrepo import VMRepo
 
 log = logging.getLogger("backupd.merge")
 
 
-async def apply(repo: VMRepository, plan: MergePlan, key: Key | None = None) -> None:
+async def apply(repo: VMRepo, plan: MergePlan, key: Key | None = None) -> None:
     """Fold and remove as planned (the caller holds the VM's lock and its readers' lock
-    exclusively; ``key``: the VM's encryption key, when it has one)."""
+    exclusively; ``key``: the VM's encryption key, when it has one).  How is the
+    storage's (:meth:`VMRepo.merge_steps`): qemu-img in place on a local disk, objects
+    rewritten in a bucket."""
     if not plan.changes:
         return
     for what in plan.folds:  # a file the gate refuses stops the merge before it starts
-        check_fold(repo, what, key)
+        repo.merge_steps().check_fold(repo, what, key)
     journal = Journal(plan)
     write_journal(repo, journal)
     checkpoint("merge-after-journal")
     await _carry_on(repo, journal, key=key)
 
 
-async def finish(repo: VMRepository, key: Key | None = None) -> bool:
+async def finish(repo: VMRepo, key: Key | None = None) -> bool:
     """Complete a merge a kill interrupted, if there is one (same locks as :func:`apply`)."""
     journal = read_journal(repo)
     if journal is None:
@@ -52,13 +50,14 @@ async def finish(repo: VMRepository, key: Key | None = None) -> bool:
 
 
 async def _carry_on(
-    repo: VMRepository, journal: Journal, resumed: bool = False, key: Key | None = None
+    repo: VMRepo, journal: Journal, resumed: bool = False, key: Key | None = None
 ) -> None:
     plan = journal.plan
+    steps = repo.merge_steps()
     while (index := journal.current) is not None:
         what = plan.folds[index]
         if journal.state is not State.SWAP:
-            result = await fold(repo, what, resumed, key)
+            result = await steps.fold(repo, what, resumed, key)
             kind = "a full" if what.direction is Direction.DOWN else f"on {what.parent}"
             log.info(
                 "%s: merged %s into %s (now %s): %s merged, %.2f s",
@@ -72,7 +71,7 @@ async def _carry_on(
             journal.state = State.SWAP
             write_journal(repo, journal)
             checkpoint("merge-before-exchange")
-        exchange(repo, what)
+        steps.exchange(repo, what)
         checkpoint("merge-after-exchange")
         journal.done.append(index)
         journal.state = State.FOLD
@@ -80,32 +79,15 @@ async def _carry_on(
     journal.state = State.REMOVE
     write_journal(repo, journal)
     for backup in plan.dropped:
-        _remove(repo, backup)
+        steps.remove(repo, backup)
+        log.info("%s: removed backup %s", repo.vm, backup)
         checkpoint("merge-mid-remove")
     clear_journal(repo)
     checkpoint("merge-done")
 
 
-def _remove(repo: VMRepository, backup: str) -> None:
-    path = repo.path / backup
-    try:
-        os.close(repo.folder(backup))  # a real folder of this VM (no symlink), or refused
-    except FileNotFoundError:
-        return
-    except RepositoryError as exc:
-        raise RepositoryError(f"cannot remove backup {backup}: {exc}") from None
-    shutil.rmtree(path)
-    with contextlib.suppress(OSError):
-        fd = repo.folder()
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    log.info("%s: removed backup %s", repo.vm, backup)
-
-
 async def merge_vm(
-    repo: VMRepository,
+    repo: VMRepo,
     choose: Callable[[list[Manifest]], set[str]],
     *,
     purpose: str,

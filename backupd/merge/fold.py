@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,6 +49,7 @@ from backupd.qcow2 import layout
 from backupd.qcow2.inspector import ImageRefused, inspect_image
 from backupd.qemu.tools import qemu_img
 from backupd.repository import MANIFEST, VMRepository
+from backupd.storage.vmrepo import VMRepo
 
 if TYPE_CHECKING:
     from backupd.qcow2.encryption import ImageKey
@@ -282,7 +284,7 @@ async def fold_up(
             file_key = _file_key(checked.fd, key, f"backup {target.id}, disk {disk}")
             disks[disk] = records.after_up(checked.fd, target.disks[disk], file_key)
         finally:
-            os.close(checked.fd)
+            checked.image.close()
     manifest = dataclasses.replace(
         target, parent=lower.id, disks=disks, reason=_stamp(target.reason, fold)
     )
@@ -343,3 +345,47 @@ def _move_files(repo: VMRepository, full: str, target: int) -> None:
         os.fsync(source)
     finally:
         os.close(source)
+
+
+def remove_backup(repo: VMRepository, backup: str) -> None:
+    """Remove a dropped backup's folder (a real folder of this VM, never a symlink)."""
+    path = repo.path / backup
+    try:
+        os.close(repo.folder(backup))  # a real folder of this VM (no symlink), or refused
+    except FileNotFoundError:
+        return
+    except RepositoryError as exc:
+        raise RepositoryError(f"cannot remove backup {backup}: {exc}") from None
+    shutil.rmtree(path)
+    with contextlib.suppress(OSError):
+        fd = repo.folder()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _local(repo: VMRepo) -> VMRepository:
+    assert isinstance(repo, VMRepository)
+    return repo
+
+
+class _LocalSteps:
+    """A merge on a local disk: qemu-img in place, files renamed, folders removed."""
+
+    def check_fold(self, repo: VMRepo, what: Fold, key: Key | None = None) -> None:
+        check_fold(_local(repo), what, key)
+
+    async def fold(
+        self, repo: VMRepo, what: Fold, resumed: bool = False, key: Key | None = None
+    ) -> FoldResult:
+        return await fold(_local(repo), what, resumed, key)
+
+    def exchange(self, repo: VMRepo, what: Fold) -> None:
+        exchange(_local(repo), what)
+
+    def remove(self, repo: VMRepo, backup: str) -> None:
+        remove_backup(_local(repo), backup)
+
+
+LOCAL_STEPS = _LocalSteps()

@@ -19,7 +19,7 @@ from typing import Any
 from backupd.errors import RepositoryError
 from backupd.merge.plan import Direction, Fold, MergePlan
 from backupd.names import is_backup_id
-from backupd.repository import MERGE_JOURNAL, VMRepository
+from backupd.storage.vmrepo import MERGE_JOURNAL, VMRepo
 
 JOURNAL = MERGE_JOURNAL
 
@@ -95,14 +95,14 @@ class Journal:
         return cls(plan, list(done), State(data["state"]))
 
 
-def read_journal(repo: VMRepository) -> Journal | None:
+def read_journal(repo: VMRepo) -> Journal | None:
     raw = repo.read_own_file(JOURNAL)
-    return None if raw is None else Journal.from_json(raw, f"{repo.path}/{JOURNAL}")
+    return None if raw is None else Journal.from_json(raw, f"{repo.where}/{repo.vm}/{JOURNAL}")
 
 
-def write_journal(repo: VMRepository, journal: Journal) -> None:
+def write_journal(repo: VMRepo, journal: Journal) -> None:
     repo.write_own_file(JOURNAL, journal.to_json())
 
 
-def clear_journal(repo: VMRepository) -> None:
+def clear_journal(repo: VMRepo) -> None:
     repo.remove_own_file(JOURNAL)

@@ -97,6 +97,7 @@ def _new_runs(
             spans[-1] = (host, last_length + length, last_guest)
         else:
             spans.append((cluster.host, length, guest))
+    assert isinstance(mapping.fd, int)  # a local file (merges in a bucket rewrite instead)
     return [
         DigestRun(host, length, guest, _hash(mapping.fd, host, length, algorithm, key))
         for host, length, guest in spans

@@ -156,12 +156,21 @@ class ObjectStore:
 
     # -- single objects ---------------------------------------------------------------
 
-    async def put(self, key: str, data: Buffer, *, if_absent: bool = False) -> str:
+    async def put(
+        self,
+        key: str,
+        data: Buffer,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
         """Store ``data`` as ``key`` in one request; returns the ETag.  ``if_absent``
         sends ``If-None-Match: *``: :class:`PreconditionFailed` when ``key`` exists,
         :class:`StorageUnsupported` where the server cannot (see
-        :meth:`probe_conditional_put`)."""
+        :meth:`probe_conditional_put`).  ``metadata``: user metadata (``x-amz-meta-*``)."""
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        if metadata:
+            extra["Metadata"] = dict(metadata)
 
         async def call() -> str:
             reply = await self.s3.put_object(
@@ -184,17 +193,22 @@ class ObjectStore:
 
         return await self._request(f"GET {self.url(key)}", call)
 
-    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
+    async def read_into(
+        self, key: str, offset: int, buf: memoryview, *, if_match: str | None = None
+    ) -> None:
         """Fill ``buf`` with the object's bytes from ``offset`` (one ranged GET,
-        received straight into ``buf``); an object too short for it is an error."""
+        received straight into ``buf``); an object too short for it is an error.
+        ``if_match``: only from the object with that ETag (:class:`PreconditionFailed`
+        once it was replaced)."""
         want = len(buf)
         if want == 0:
             return
         what = f"GET {self.url(key)} bytes {offset}-{offset + want - 1}"
+        extra: dict[str, Any] = {"IfMatch": f'"{if_match}"'} if if_match else {}
 
         async def call() -> None:
             reply = await self.s3.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + want - 1}"
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + want - 1}", **extra
             )
             async with reply["Body"] as body:
                 if reply["ContentLength"] != want or "ContentRange" not in reply:
@@ -218,7 +232,11 @@ class ObjectStore:
         async def call() -> ObjectInfo:
             reply = await self.s3.head_object(Bucket=self.bucket, Key=key)
             return ObjectInfo(
-                key, reply["ContentLength"], _etag(reply["ETag"]), reply["LastModified"]
+                key,
+                reply["ContentLength"],
+                _etag(reply["ETag"]),
+                reply["LastModified"],
+                dict(reply.get("Metadata") or {}),
             )
 
         try:
@@ -304,11 +322,13 @@ class ObjectStore:
 
     # -- multipart uploads --------------------------------------------------------
 
-    async def create_multipart(self, key: str) -> str:
-        """Begin a multipart upload of ``key``; returns its upload id."""
+    async def create_multipart(self, key: str, *, metadata: Mapping[str, str] | None = None) -> str:
+        """Begin a multipart upload of ``key`` (with user ``metadata``, if any); returns
+        its upload id."""
+        extra: dict[str, Any] = {"Metadata": dict(metadata)} if metadata else {}
 
         async def call() -> str:
-            reply = await self.s3.create_multipart_upload(Bucket=self.bucket, Key=key)
+            reply = await self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
             return reply["UploadId"]
 
         return await self._request(f"CREATE-UPLOAD {self.url(key)}", call)

@@ -4,7 +4,8 @@ uploads, what a server can do, and S3's limits."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 Buffer = bytes | bytearray | memoryview
@@ -18,6 +19,8 @@ class ObjectInfo:
     size: int
     etag: str  # without quotes; "<md5 of part md5s>-<parts>" for a multipart object
     last_modified: datetime
+    #: user metadata (``x-amz-meta-*``), as HEAD answers it (listings carry none)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,13 @@ the sink for a qcow2 image written straight into object storage.
 The qcow2 writer hands out host offsets in increasing order and writes the header
 cluster (offset 0) last; reads that complete out of order land a little out of order.
 So :class:`MultipartWriter` takes writes at any offset within a *window*, cuts the byte
-stream into parts of ``part_size`` (part *i*, S3's part number *i + 1*, holds bytes
-``[i*part_size, (i+1)*part_size)``), uploads every part as soon as it is complete,
+stream into parts (part *i* is S3's part number *i + 1*; part 0 holds the first
+``first_part_size`` bytes, every later one ``part_size`` bytes: parts need not be of one
+size, only at least 5 MiB but the last), uploads every part as soon as it is complete,
 ``concurrency`` at a time, and keeps the FIRST part (part 0) in memory until
-:meth:`finish`, so the header can be written into it at the very end.  Bytes never
-written read as zeros.
+:meth:`finish`, so the header can be written into it at the very end.  A small first
+part keeps what is held back small when parts are large.  Bytes never written read as
+zeros.
 
 The window: writes to part 1 up to part ``low + window - 1`` go straight in, where
 ``low`` is the lowest part (from 1) not yet handed to an upload; a write further ahead
@@ -21,9 +23,10 @@ declared with :meth:`write_zeroes` before the stream gets ``window`` parts beyon
 hole left open is reported as an error that names it (after ``stall_timeout`` seconds in
 which nothing moved), never a hang.  Past the last write, :meth:`finish` fills zeros.
 
-Memory: at most ``(1 + window + concurrency) * part_size`` bytes of part buffers (part
-0, the parts being filled, the parts being uploaded); :attr:`peak_buffered` reports
-the most held at once.  A part buffer is allocated on its first write.
+Memory: at most ``first_part_size + (window + concurrency) * part_size`` bytes of part
+buffers (part 0, the parts being filled, the parts being uploaded);
+:attr:`peak_buffered` reports the most held at once.  A part buffer is allocated on its
+first write.
 
 Each part but the last is ``part_size`` >= 5 MiB (S3's rule); an object of one part
 goes up in one PUT instead.  On any failure the upload is aborted (no object, no
@@ -91,14 +94,22 @@ class MultipartWriter:
         concurrency: int = 4,
         window: int = 2,
         stall_timeout: float = 60.0,
+        first_part_size: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        if part_size < MIN_PART:
-            raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
+        first_part_size = part_size if first_part_size is None else first_part_size
+        if min(part_size, first_part_size) < MIN_PART:
+            raise ValueError(
+                f"part size {min(part_size, first_part_size)} is below S3's minimum of {MIN_PART}"
+            )
         if concurrency < 1 or window < 1:
             raise ValueError("concurrency and window must be at least 1")
         self.store = store
         self.key = key
         self.part_size = part_size
+        self.first_part_size = first_part_size
+        #: user metadata of the object (``x-amz-meta-*``)
+        self.metadata = metadata or {}
         self.concurrency = concurrency
         self.window = window
         self.stall_timeout = stall_timeout
@@ -120,7 +131,21 @@ class MultipartWriter:
 
     @property
     def memory_bound(self) -> int:
-        return (1 + self.window + self.concurrency) * self.part_size
+        return self.first_part_size + (self.window + self.concurrency) * self.part_size
+
+    def _start(self, index: int) -> int:
+        """The first byte of part ``index``."""
+        return 0 if index == 0 else self.first_part_size + (index - 1) * self.part_size
+
+    def _size(self, index: int) -> int:
+        return self.first_part_size if index == 0 else self.part_size
+
+    def _locate(self, offset: int) -> tuple[int, int]:
+        """(part, offset in it) of byte ``offset``."""
+        if offset < self.first_part_size:
+            return 0, offset
+        index, rel = divmod(offset - self.first_part_size, self.part_size)
+        return index + 1, rel
 
     async def __aenter__(self) -> MultipartWriter:
         return self
@@ -153,8 +178,8 @@ class MultipartWriter:
             raise ValueError(f"negative offset {offset}")
         pos = 0
         while pos < length:
-            index, rel = divmod(offset + pos, self.part_size)
-            n = min(length - pos, self.part_size - rel)
+            index, rel = self._locate(offset + pos)
+            n = min(length - pos, self._size(index) - rel)
             await self._fill(index, rel, n, None if view is None else view[pos : pos + n])
             pos += n
             self._progress += 1
@@ -166,23 +191,23 @@ class MultipartWriter:
                 f"{self.store.url(self.key)}: more than {MAX_PARTS} parts of "
                 f"{self.part_size >> 20} MiB: use larger parts"
             )
-        offset = index * self.part_size + rel
+        offset = self._start(index) + rel
         while index >= self._low + self.window:
             await self._wait_for_window(index, offset)
         part = self._parts.get(index)
         if part is None:
             if index in self._handed:
                 raise ValueError(f"bytes at {offset} written twice (their part is uploaded)")
-            part = self._parts[index] = _Part(self.part_size)
+            part = self._parts[index] = _Part(self._size(index))
         if not part.mark(rel, rel + length):
             raise ValueError(f"bytes at {offset} written twice")
         if chunk is not None:
             if part.buf is None:
-                part.buf = bytearray(self.part_size)
-                self._grow(self.part_size)
+                part.buf = bytearray(part.size)
+                self._grow(part.size)
             part.buf[rel : rel + length] = chunk
-        if index and part.covered == self.part_size:
-            await self._hand_off(index, self.part_size)
+        if index and part.covered == part.size:
+            await self._hand_off(index, part.size)
 
     async def _wait_for_window(self, index: int, offset: int) -> None:
         """Wait until part ``index`` is inside the window.  When nothing moves for
@@ -208,14 +233,14 @@ class MultipartWriter:
 
     def _hole(self) -> str:
         """The first unwritten byte range of the part holding the window back."""
-        base = self._low * self.part_size
+        base = self._start(self._low)
         part = self._parts.get(self._low)
         end = 0
         for start, stop in part.spans if part else []:
             if start > end:
                 return f"{base + end}-{base + start - 1}"
             end = stop
-        return f"{base + end}-{base + self.part_size - 1}"
+        return f"{base + end}-{base + self._size(self._low) - 1}"
 
     def _grow(self, n: int) -> None:
         self.buffered += n
@@ -259,9 +284,19 @@ class MultipartWriter:
             self.buffered -= len(buf)
             self._slots.release()
 
-    async def _upload_id(self) -> str:
+    def begin(self) -> None:
+        """Begin the multipart upload now rather than with the first complete part (an
+        object known to need several parts: a refusal shows at once, and a killed
+        writer leaves a pending upload for the next run to find)."""
         if self._creating is None:
-            self._creating = asyncio.create_task(self.store.create_multipart(self.key))
+            self._creating = asyncio.create_task(
+                self.store.create_multipart(self.key, metadata=self.metadata)
+            )
+            self._creating.add_done_callback(_retrieve)
+
+    async def _upload_id(self) -> str:
+        self.begin()
+        assert self._creating is not None
         self.upload_id = await asyncio.shield(self._creating)
         return self.upload_id
 
@@ -276,12 +311,12 @@ class MultipartWriter:
         if size < self.size:
             raise ValueError(f"size {size} is below the {self.size} bytes written")
         self._state = _State.FINISHING
-        last = max(0, -(-size // self.part_size) - 1)
+        last = self._locate(size - 1)[0] if size else 0
         try:
             if last == 0 and self._creating is None:
                 part = self._parts.pop(0, None)
                 body = memoryview(part.buf if part and part.buf else bytearray(size))[:size]
-                etag = await self.store.put(self.key, body)
+                etag = await self.store.put(self.key, body, metadata=self.metadata)
             else:
                 etag = await self._complete(size, last)
         except BaseException:
@@ -293,8 +328,8 @@ class MultipartWriter:
     async def _complete(self, size: int, last: int) -> str:
         for index in [*range(1, last + 1), 0]:
             if index not in self._handed:
-                end = size if index == last else (index + 1) * self.part_size
-                await self._hand_off(index, end - index * self.part_size)
+                end = size if index == last else self._start(index) + self._size(index)
+                await self._hand_off(index, end - self._start(index))
         await asyncio.gather(*self._uploads)
         if self._failure is not None:
             raise self._failure
@@ -318,3 +353,10 @@ class MultipartWriter:
                 await self.store.abort_multipart(self.key, upload_id)
         async with self._moved:
             self._moved.notify_all()
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    """A failed creation is reported by the first part that needs it, not as an
+    exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()

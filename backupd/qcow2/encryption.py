@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from backupd.digests import derive_digest_key
 from backupd.qcow2 import layout, luks
 from backupd.qcow2.xts import SectorCipher
+
+if TYPE_CHECKING:
+    from backupd.qcow2.inspector import ImageReader
 
 
 class WrongKey(ValueError):
@@ -59,39 +63,44 @@ class ImageKey:
         return cls.of(master), region
 
 
-def luks_region(fd: int) -> tuple[int, int] | None:
+def _pread(fd: int | ImageReader, length: int, offset: int) -> bytes:
+    return os.pread(fd, length, offset) if isinstance(fd, int) else fd.pread(length, offset)
+
+
+def luks_region(fd: int | ImageReader) -> tuple[int, int] | None:
     """(offset, length) of the LUKS header region of the qcow2 file on ``fd`` (None for a
     file that is not encrypted).  For files the gate accepted: the header extensions lie
     in cluster 0 and the region inside the file."""
-    head = os.pread(fd, layout.HEADER_LENGTH, 0)
+    head = _pread(fd, layout.HEADER_LENGTH, 0)
     fields = layout.HEADER.unpack(head)
     if fields[6] != layout.CRYPT_LUKS:
         return None
-    region = layout.fde_extension(os.pread(fd, 1 << int(fields[4]), 0))
+    region = layout.fde_extension(_pread(fd, 1 << int(fields[4]), 0))
     if region is not None:
         return region
     raise luks.LuksError("encrypted image without its encryption header extension")
 
 
-def read_header(fd: int) -> tuple[luks.LuksHeader, int] | None:
+def read_header(fd: int | ImageReader) -> tuple[luks.LuksHeader, int] | None:
     """The LUKS header of the file on ``fd`` and its region's offset (None: not encrypted)."""
     where = luks_region(fd)
     if where is None:
         return None
     offset, length = where
-    return luks.parse(os.pread(fd, luks.HEADER_BYTES, offset), length), offset
+    return luks.parse(_pread(fd, luks.HEADER_BYTES, offset), length), offset
 
 
-def unlock_file(fd: int, passphrase: bytes, what: str) -> ImageKey:
-    """The key of the encrypted file on ``fd`` (WrongKey naming ``what`` when the
-    passphrase opens none of its key slots)."""
+def unlock_file(fd: int | ImageReader, passphrase: bytes, what: str) -> ImageKey:
+    """The key of the encrypted file on ``fd``: a descriptor, or an image in a bucket
+    (:attr:`backupd.storage.images.ImageFile.inspectable`); WrongKey naming ``what``
+    when the passphrase opens none of its key slots."""
     found = read_header(fd)
     if found is None:
         raise luks.LuksError(f"{what} is not encrypted")
     header, offset = found
 
     def read(position: int, length: int) -> bytes:
-        data = os.pread(fd, length, offset + position)
+        data = _pread(fd, length, offset + position)
         if len(data) != length:
             raise luks.LuksError(f"{what}: LUKS key material is cut short")
         return data

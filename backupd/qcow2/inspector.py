@@ -25,7 +25,8 @@ produces (docs/interop/qcow2.txt):
   cluster, every compressed cluster's sectors, the refcount table and every refcount
   block inside the file, cluster aligned, with every reserved bit clear.
 
-No I/O but ``os.pread`` on a descriptor the caller opened (and closes).
+No I/O but ``os.pread`` on a descriptor the caller opened (and closes), or
+:meth:`ImageReader.pread` of an image that is not a local file (an object in a bucket).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import stat
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from backupd.qcow2 import layout, luks
 
@@ -55,6 +56,15 @@ OFFSET_MASK: Final = ((1 << 56) - 1) & ~((1 << 9) - 1)  # bits 9-55
 L1_RESERVED: Final = ((1 << 63) - 1) & ~OFFSET_MASK  # bits 0-8 and 56-62
 L2_RESERVED: Final = ((1 << 62) - 1) & ~OFFSET_MASK & ~layout.OFLAG_ZERO  # bits 1-8, 56-61
 REFTABLE_RESERVED: Final = (1 << 9) - 1  # bits 0-8
+
+
+class ImageReader(Protocol):
+    """An image that is not a local file, as the inspector reads it."""
+
+    @property
+    def size(self) -> int: ...
+
+    def pread(self, length: int, offset: int) -> bytes: ...
 
 
 class ImageRefused(ValueError):
@@ -89,21 +99,24 @@ class _Header:
     refcount_table_clusters: int
 
 
-def _read(fd: int, length: int, offset: int, what: str, file_size: int) -> bytes:
+def _read(fd: int | ImageReader, length: int, offset: int, what: str, file_size: int) -> bytes:
     if offset < 0 or length < 0 or offset + length > file_size:
         raise ImageRefused(f"{what} at {offset} (+{length} bytes) lies outside the file")
-    data = os.pread(fd, length, offset)
+    data = os.pread(fd, length, offset) if isinstance(fd, int) else fd.pread(length, offset)
     if len(data) != length:
         raise ImageRefused(f"{what}: short read (the file changed while it was inspected?)")
     return data
 
 
-def inspect_image(fd: int, *, allow_encryption: bool = False) -> ImageFacts:
+def inspect_image(fd: int | ImageReader, *, allow_encryption: bool = False) -> ImageFacts:
     """Check the image open on ``fd`` (ImageRefused when backupd would not have written it)."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageRefused("not a regular file")
-    size = st.st_size
+    if isinstance(fd, int):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRefused("not a regular file")
+        size = st.st_size
+    else:
+        size = fd.size
     if size < layout.HEADER_LENGTH:
         raise ImageRefused("not a qcow2 file (shorter than a qcow2 header)")
     header = _header(_read(fd, layout.HEADER_LENGTH, 0, "header", size), allow_encryption)
@@ -230,7 +243,7 @@ def _check_encryption_header(body: bytes, header: _Header, file_size: int) -> tu
     return offset, length
 
 
-def _check_luks_header(fd: int, region: tuple[int, int], file_size: int) -> None:
+def _check_luks_header(fd: int | ImageReader, region: tuple[int, int], file_size: int) -> None:
     offset, length = region
     raw = _read(fd, min(luks.HEADER_BYTES, length), offset, "LUKS header", file_size)
     try:
@@ -263,7 +276,7 @@ def _backing_name(
     return name
 
 
-def _check_refcount_table(fd: int, header: _Header, file_size: int) -> None:
+def _check_refcount_table(fd: int | ImageReader, header: _Header, file_size: int) -> None:
     cluster = 1 << header.cluster_bits
     length = header.refcount_table_clusters * cluster
     if header.refcount_table_offset % cluster or not 0 < length <= MAX_REFTABLE_BYTES:
@@ -276,7 +289,7 @@ def _check_refcount_table(fd: int, header: _Header, file_size: int) -> None:
             raise ImageRefused(f"refcount block at {entry:#x} lies outside the file")
 
 
-def _check_mapping(fd: int, header: _Header, file_size: int) -> tuple[int, int, int]:
+def _check_mapping(fd: int | ImageReader, header: _Header, file_size: int) -> tuple[int, int, int]:
     """The L1 table and every L2 table it names; (L2 tables, data, compressed clusters)."""
     cluster = 1 << header.cluster_bits
     l2_entries = cluster // 8

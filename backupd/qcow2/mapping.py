@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from backupd.qcow2 import layout
-from backupd.qcow2.inspector import OFFSET_MASK
+from backupd.qcow2.inspector import OFFSET_MASK, ImageReader
 
 
 class Kind(Enum):
@@ -38,18 +38,23 @@ class Cluster:
     host: int = 0
 
 
-class ClusterMap:
-    """The cluster map of the qcow2 image open on ``fd`` (the caller closes ``fd``)."""
+def _pread(fd: int | ImageReader, length: int, offset: int) -> bytes:
+    return os.pread(fd, length, offset) if isinstance(fd, int) else fd.pread(length, offset)
 
-    def __init__(self, fd: int) -> None:
+
+class ClusterMap:
+    """The cluster map of the qcow2 image open on ``fd`` (the caller closes ``fd``), or
+    of an image read through an :class:`~backupd.qcow2.inspector.ImageReader`."""
+
+    def __init__(self, fd: int | ImageReader) -> None:
         self.fd = fd
-        head = os.pread(fd, layout.HEADER_LENGTH, 0)
+        head = _pread(fd, layout.HEADER_LENGTH, 0)
         fields = layout.HEADER.unpack(head)
         self.cluster_bits = int(fields[4])
         self.cluster_size = 1 << self.cluster_bits
         self.virtual_size = int(fields[5])
         l1_size, l1_offset = int(fields[7]), int(fields[8])
-        self.l1 = struct.unpack(f">{l1_size}Q", os.pread(fd, l1_size * 8, l1_offset))
+        self.l1 = struct.unpack(f">{l1_size}Q", _pread(fd, l1_size * 8, l1_offset))
         self.per_table = self.cluster_size // 8
         self._tables: dict[int, array.array[int]] = {}
 
@@ -63,7 +68,7 @@ class ClusterMap:
             return None
         table = self._tables.get(slot)
         if table is None:
-            table = array.array("Q", os.pread(self.fd, self.cluster_size, offset))
+            table = array.array("Q", _pread(self.fd, self.cluster_size, offset))
             if sys.byteorder == "little":
                 table.byteswap()
             self._tables[slot] = table

@@ -10,30 +10,32 @@ only once it is compressed (``place`` returns None): each is deflated in a threa
 stored compressed, or raw when it does not shrink.  Zero ranges become zero clusters.
 With ``key`` (an encrypted image: :mod:`backupd.qcow2.encryption`) each batch is hashed
 as plaintext (keyed digests), then encrypted in place, sector by sector with IVs from
-its host offsets, and only then written: no plaintext reaches the file.  Compression
-and encryption do not go together (qemu 7.2 stores and reads compressed clusters of an
-encrypted image unencrypted).
+its host offsets, and only then written: no plaintext reaches the file or the upload.
+Compression and encryption do not go together (qemu 7.2 stores and reads compressed
+clusters of an encrypted image unencrypted).
 
-Used by backup (a new file in the staging folder, with digests) and by restore (an
-:class:`~nbdclient.copy.outfile.OutputFile`, which takes its name when finished).
+Used by backup (a new file in the staging folder, with digests, or an object-store
+upload) and by restore (an :class:`~nbdclient.copy.outfile.OutputFile`, which takes its
+name when finished).  The bytes go through a :class:`~backupd.qcow2.target.ByteTarget`:
+the writer's local file unless another target is given.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backupd.digests import ALGORITHM, KEYED, hexdigest
 from backupd.manifest import DigestRun
 from backupd.qcow2.layout import CLUSTER_SIZE, align_up
+from backupd.qcow2.target import ByteTarget, FileTarget
 from backupd.qcow2.writer import Qcow2Stats, Qcow2Writer
 from nbdclient.copy import Batch, OutputFile
-from nbdclient.fileio import DIRECT_ALIGN, DataFile
+from nbdclient.fileio import DIRECT_ALIGN
 
 if TYPE_CHECKING:  # numpy and cryptography: imported only for encrypted images
     from backupd.qcow2.encryption import ImageKey
-
-SECTOR = 512
 
 
 class Qcow2Sink:
@@ -44,10 +46,11 @@ class Qcow2Sink:
         output: OutputFile | None = None,
         digests: bool = False,
         compress: bool = False,
+        target: ByteTarget | None = None,
         key: ImageKey | None = None,
     ) -> None:
-        """``writer`` is open; ``output``, when given, holds its file; ``key``: the
-        writer's image is encrypted with it."""
+        """``writer`` is open (or writes into ``target``); ``output``, when given, holds
+        its file; ``key``: the writer's image is encrypted with it."""
         if key is not None and compress:
             raise ValueError("compressed clusters cannot be encrypted")
         self.granularity = writer.cluster_size
@@ -57,13 +60,12 @@ class Qcow2Sink:
         self.stored = 0
         self.stats: Qcow2Stats | None = None
         self._writer = writer
-        self._output = output
         self._hash = digests
         self._key = key
         #: the digest algorithm of :attr:`digests`
         self.digest_algorithm = KEYED if key is not None else ALGORITHM
         # compressed clusters are not aligned: buffered
-        self._out = DataFile(writer.fd, direct=not compress)
+        self._target = target or FileTarget(writer, output=output, direct=not compress)
 
     @classmethod
     def create(
@@ -115,38 +117,39 @@ class Qcow2Sink:
         host = batch.reads[0].target
         assert host is not None
         span = batch.span
-        hashes = await self._out.store(span, self._store_batch, buf, span, host, batch)
+        if self._key is not None:  # whole sectors: the disk's tail is padded (its cluster)
+            span = align_up(span, DIRECT_ALIGN)
+        hashes = await self._target.store(
+            buf, span, host, functools.partial(self._prepare, buf, batch, span, host)
+        )
+        tail = align_up(span, self.granularity) - span
+        if tail:  # the disk's partial last cluster: the rest of it is never written
+            await self._target.zeroes(host + span, tail)
         if self._hash:
             for read, digest in zip(batch.reads, hashes, strict=True):
                 assert read.target is not None
                 self.digests.append(DigestRun(read.target, read.length, read.offset, digest))
         self.stored += batch.length
 
-    def _store_batch(self, buf: memoryview, span: int, host: int, batch: Batch) -> list[str]:
-        """Hash each read and write ``buf[:span]`` at ``host`` (in a thread, or inline
-        when small); encrypted first when the image is."""
-        hashes = self._digests(buf, batch) if self._hash else []
-        padded = span
-        if self._out.direct:
-            padded = align_up(span, DIRECT_ALIGN)
-        elif self._key is not None:
-            padded = align_up(span, SECTOR)
-        buf[span:padded] = bytes(padded - span)  # the disk's tail: its cluster is ours
-        if self._key is not None:
-            self._key.cipher.encrypt(buf[:padded], host)
-        self._out.write(buf[:padded], host)
+    def _prepare(self, buf: memoryview, batch: Batch, span: int, host: int) -> list[str]:
+        """The digest of each read's plaintext (keyed when the image is encrypted), then
+        ``buf[:span]`` encrypted in place when it is (in the thread that writes it)."""
+        key = self._key
+        hashes = []
+        if self._hash:
+            digest_key = key.digest_key if key is not None else None
+            hashes = [
+                hexdigest(
+                    buf[r.position : r.position + r.length], self.digest_algorithm, digest_key
+                )
+                for r in batch.reads
+            ]
+        if key is not None:
+            buf[batch.span : span] = bytes(span - batch.span)
+            key.cipher.encrypt(buf[:span], host)
         return hashes
 
-    def _digests(self, buf: memoryview, batch: Batch) -> list[str]:
-        """The digest of each read's plaintext (keyed when the image is encrypted)."""
-        key = self._key.digest_key if self._key is not None else None
-        return [
-            hexdigest(buf[r.position : r.position + r.length], self.digest_algorithm, key)
-            for r in batch.reads
-        ]
-
-    def _store_one(self, data: memoryview, host: int) -> str:
-        self._out.write(data, host)
+    def _hash_one(self, data: memoryview) -> str:
         return hexdigest(data) if self._hash else ""
 
     async def _store_compressed(self, view: memoryview, offset: int) -> None:
@@ -157,12 +160,17 @@ class Qcow2Sink:
             guest = offset + rel
             # qemu inflates a compressed cluster into a whole cluster: pad the disk's tail
             whole = cluster if len(cluster) == cs else bytes(cluster) + bytes(cs - len(cluster))
-            packed = await self._out.offload(self._writer.compress, whole)
+            packed = await self._target.compute(self._writer.compress, whole)
             if packed is None:
+                end = self._writer.end
                 data, host = cluster, self._writer.allocate(guest, len(cluster))
+                if host > end:  # the cluster starts aligned: the bytes before it stay zero
+                    await self._target.zeroes(end, host - end)
             else:
                 data, host = memoryview(packed), self._writer.place_compressed(guest, packed)
-            digest = await self._out.offload(self._store_one, data, host)
+            digest = await self._target.store(
+                data, len(data), host, functools.partial(self._hash_one, data)
+            )
             if self._hash:
                 self.digests.append(DigestRun(host, len(data), guest, digest))
             self.stored += len(data)
@@ -171,15 +179,7 @@ class Qcow2Sink:
         self._writer.write_zeroes(offset, length)
 
     async def finish(self) -> None:
-        await self._out.settle()
-        self._out.close()
-        self.stats = await self._out.offload(self._writer.finish)
-        if self._output is not None:
-            self._output.commit()
+        self.stats = await self._target.finish(self._writer)
 
     async def abort(self) -> None:
-        await self._out.settle()  # no thread writes into the file any more
-        self._out.close()
-        self._writer.abort()
-        if self._output is not None:
-            self._output.discard()
+        await self._target.abort()

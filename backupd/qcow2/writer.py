@@ -3,7 +3,9 @@
 Data clusters are appended in the order reads are *issued* (:meth:`Qcow2Writer.allocate`
 hands out host offsets; the caller writes the bytes there with ``os.pwrite`` whenever the
 read completes, in any order).  :meth:`finish` then writes the L2 tables, the L1 table,
-the refcount blocks and table, and the header last, and fsyncs.  Zero ranges become
+the refcount blocks and table, and the header last, and fsyncs.  :meth:`tail` gives the
+same metadata as bytes, for an image written elsewhere than into a local file (an
+object-store upload: :class:`~backupd.qcow2.sink.ByteTarget`).  Zero ranges become
 zero clusters (they hide the backing file), untouched clusters fall through to the
 backing file, and optional compressed clusters use raw deflate as qemu does.
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 import os
 import struct
 import sys
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,18 @@ class Qcow2Stats:
     zero_clusters: int
     compressed_clusters: int
     file_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Qcow2Tail:
+    """What ends an image: ``pieces`` (host offset, bytes) at increasing offsets, with
+    gaps that read as zeros; then ``header`` at offset 0; the file is ``file_size``
+    bytes long."""
+
+    pieces: Iterable[tuple[int, bytes]]
+    header: bytes
+    file_size: int
+    stats: Qcow2Stats
 
 
 class Qcow2Writer:
@@ -139,58 +155,61 @@ class Qcow2Writer:
         self._compressed += 1
         return host
 
-    def finish(self) -> Qcow2Stats:
-        """Write the metadata and the header; fsync; close."""
+    @property
+    def end(self) -> int:
+        """One past the last host byte handed out so far."""
+        return self._next
+
+    def tail(self) -> Qcow2Tail:
+        """The metadata that ends the image (L2 tables, L1 table, refcount blocks and
+        table), as pieces at increasing host offsets, and the header; computed once the
+        last data cluster was placed (the writer is done with it)."""
         cs = self.cluster_size
         start = layout.align_up(self._next, cs)
-        l1_offset, l1_size = self._write_mapping(start)
-        table_offset, table_clusters, total = self._write_refcounts(
-            start, l1_offset + layout.align_up(l1_size * 8, cs)
-        )
-        os.ftruncate(self.fd, total * cs)
-        os.fsync(self.fd)
+        # L2 tables for every L1 slot that maps something
+        l2_slots = sorted({index // (cs // 8) for index in self._l2})
+        l1_size = max(1, -(-self.guest_clusters // (cs // 8)))
+        l1 = [0] * l1_size
+        for n, slot in enumerate(l2_slots):
+            l1[slot] = (start + n * cs) | layout.OFLAG_COPIED
+        l1_offset = start + len(l2_slots) * cs
+        l1_bytes = struct.pack(f">{l1_size}Q", *l1)
+        position = l1_offset + layout.align_up(len(l1_bytes), cs)
+        refcounts, table, table_offset, total = self._refcounts(start, position)
         header = layout.encode_header(
             cluster_bits=self.cluster_bits,
             size=self.virtual_size,
             l1_size=l1_size,
             l1_offset=l1_offset,
             refcount_table_offset=table_offset,
-            refcount_table_clusters=table_clusters,
+            refcount_table_clusters=len(table) // cs,
             backing_file=self.backing_file,
             backing_format=self.backing_format,
             encryption=(cs, self._region_length) if self.luks_region else None,
         )
-        pwrite_all(self.fd, header, 0)
-        os.fsync(self.fd)
-        if self._owns_fd:
-            os.close(self.fd)
-        self.fd = -1
-        self.finished = True
-        return Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
+        pieces = itertools.chain(
+            self._l2_tables(start, l2_slots),
+            [(l1_offset, l1_bytes), (position, refcounts), (table_offset, table)],
+        )
+        stats = Qcow2Stats(self._data_clusters, self._zero_clusters, self._compressed, total * cs)
+        return Qcow2Tail(pieces, header, total * cs, stats)
 
-    def _write_mapping(self, position: int) -> tuple[int, int]:
-        """The L2 tables of every L1 slot that maps something, then the L1 table, from
-        ``position`` on; returns (L1 offset, L1 entries)."""
+    def _l2_tables(self, start: int, slots: list[int]) -> Iterator[tuple[int, bytes]]:
+        """The L2 tables, one cluster each, made as they are written."""
         cs = self.cluster_size
-        l2_entries = cs // 8
-        l2_tables: dict[int, list[int]] = {}
+        per_table = cs // 8
+        by_slot: dict[int, list[int]] = {}
         for index in sorted(self._l2):
-            l2_tables.setdefault(index // l2_entries, []).append(index)
-        l1 = [0] * max(1, -(-self.guest_clusters // l2_entries))
-        for slot, indices in l2_tables.items():
+            by_slot.setdefault(index // per_table, []).append(index)
+        for n, slot in enumerate(slots):
             table = bytearray(cs)
-            for index in indices:
-                struct.pack_into(">Q", table, (index % l2_entries) * 8, self._l2[index])
-            pwrite_all(self.fd, table, position)
-            l1[slot] = position | layout.OFLAG_COPIED
-            position += cs
-        pwrite_all(self.fd, struct.pack(f">{len(l1)}Q", *l1), position)
-        return position, len(l1)
+            for index in by_slot[slot]:
+                struct.pack_into(">Q", table, (index % per_table) * 8, self._l2[index])
+            yield start + n * cs, bytes(table)
 
-    def _write_refcounts(self, metadata: int, position: int) -> tuple[int, int, int]:
-        """Refcount blocks and table at ``position``, counting everything (the header,
-        the LUKS region, data, the metadata from ``metadata`` on, and themselves);
-        returns (table offset, table clusters, clusters in the file)."""
+    def _refcounts(self, start: int, position: int) -> tuple[bytes, bytes, int, int]:
+        """Refcount blocks (at ``position``) and table for everything, including the
+        refcount structures themselves: (blocks, table, table offset, clusters in all)."""
         cs = self.cluster_size
         per_block = cs // 2
         meta_end = position // cs
@@ -202,8 +221,8 @@ class Qcow2Writer:
             if (need_blocks, need_table) == (blocks, table_clusters):
                 break
             blocks, table_clusters = need_blocks, need_table
-        blocks_offset = position
-        table_offset = blocks_offset + blocks * cs
+        table_offset = position + blocks * cs
+        total = meta_end + blocks + table_clusters
         counts = array.array("H", bytes(blocks * cs))
         counts[0] = 1  # the header
         for cluster in range(1, 1 + len(self.luks_region) // cs):
@@ -213,16 +232,30 @@ class Qcow2Writer:
                 counts[(entry & ~layout.OFLAG_COPIED) // cs] += 1
         for cluster, count in self._compressed_refs.items():
             counts[cluster] += count
-        for cluster in range(metadata // cs, total):
+        for cluster in range(start // cs, total):
             counts[cluster] += 1
         if sys.byteorder == "little":
             counts.byteswap()
-        pwrite_all(self.fd, counts.tobytes(), blocks_offset)
+        refcounts = counts.tobytes()
         table = bytearray(table_clusters * cs)
         for i in range(blocks):
-            struct.pack_into(">Q", table, i * 8, blocks_offset + i * cs)
-        pwrite_all(self.fd, table, table_offset)
-        return table_offset, table_clusters, total
+            struct.pack_into(">Q", table, i * 8, position + i * cs)
+        return refcounts, bytes(table), table_offset, total
+
+    def finish(self) -> Qcow2Stats:
+        """Write the metadata and the header into the file; fsync; close."""
+        tail = self.tail()
+        for offset, piece in tail.pieces:
+            pwrite_all(self.fd, piece, offset)
+        os.ftruncate(self.fd, tail.file_size)
+        os.fsync(self.fd)
+        pwrite_all(self.fd, tail.header, 0)
+        os.fsync(self.fd)
+        if self._owns_fd:
+            os.close(self.fd)
+        self.fd = -1
+        self.finished = True
+        return tail.stats
 
     def abort(self) -> None:
         """Close and remove an unfinished file (one this writer created)."""

@@ -321,6 +321,20 @@ class SwiftS3Server:
         if self._own_dir and not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def stop_endpoint(self) -> None:
+        """Stop the proxy (the S3 endpoint) alone: clients get "connection refused"
+        until :meth:`start_endpoint`; the stored objects stay."""
+        proc = self._procs.pop("proxy", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def start_endpoint(self) -> None:
+        """Start the proxy again on its port, after :meth:`stop_endpoint`."""
+        conf = self.workdir / "proxy-server.conf"
+        self._spawn("proxy", ["swift-proxy-server", str(conf), "-v"])
+        self._wait_ready([])
+
     def __enter__(self) -> SwiftS3Server:
         return self.start()
 
