@@ -9,10 +9,12 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from backupd.objectstore import ObjectStore, S3Settings
 from integration.harness.guest import REPO, GuestBuild, LinuxGuest, build_guest
 from integration.harness.runs import argv
 from integration.harness.s3server import SwiftS3Server
@@ -55,6 +57,53 @@ def s3bucket(s3server: SwiftS3Server) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3server.create_bucket(name)
     return name
+
+
+#: the key prefix of the S3 repositories of the tests
+S3_PREFIX = "site-a/backups"
+
+
+@pytest.fixture
+def s3_config(
+    tmp_path: Path, vm: QemuVM, s3server: SwiftS3Server, s3bucket: str
+) -> Callable[..., Path]:
+    """``s3_config(**top)``: a configuration whose repository is the test's bucket
+    (``repository=``: another one, with the same ``s3:`` settings)."""
+
+    def make(
+        bucket: str = s3bucket, name: str = "backupd.yaml", repository: str = "", **top: Any
+    ) -> Path:
+        settings = {
+            "endpoint_url": s3server.endpoint_url,
+            "access_key_id": s3server.access_key_id,
+            "secret_access_key": s3server.secret_access_key,
+            "max_attempts": 2,
+            **top.pop("s3", {}),
+        }
+        vm_settings = top.pop("vm_settings", {})
+        return write_config(
+            tmp_path / name,
+            repository or f"s3://{bucket}/{S3_PREFIX}",  # type: ignore[arg-type]
+            {"guest1": {"qmp": str(vm.qmp_path), **vm_settings}},
+            s3=settings,
+            scratch_dir=str(tmp_path / "scratch"),
+            runtime_dir=str(vm.qmp_path.parent),
+            **top,
+        )
+
+    return make
+
+
+@pytest.fixture
+async def bucket(s3server: SwiftS3Server, s3bucket: str) -> AsyncIterator[ObjectStore]:
+    """The test's bucket, as the test itself reads and changes it."""
+    settings = S3Settings(
+        endpoint_url=s3server.endpoint_url,
+        access_key_id=s3server.access_key_id,
+        secret_access_key=s3server.secret_access_key,
+    )
+    async with ObjectStore(settings, s3bucket) as store:
+        yield store
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,11 @@ import random
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from backupd.objectstore import ObjectStore, S3Settings
-from integration.conftest import MiB, backupd, serving, write_config
+from backupd.objectstore import ObjectStore
+from integration.conftest import S3_PREFIX, MiB, backupd, serving
 from integration.harness.chain import first_difference, qemu_img_check, qemu_img_compare
 from integration.harness.runs import argv
 from integration.harness.s3server import SwiftS3Server
@@ -28,50 +27,8 @@ from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
 
 pytestmark = pytest.mark.s3
-PREFIX = "site-a/backups"
+PREFIX = S3_PREFIX
 CLUSTER = 65536
-
-
-@pytest.fixture
-def s3_config(
-    tmp_path: Path, vm: QemuVM, s3server: SwiftS3Server, s3bucket: str
-) -> Callable[..., Path]:
-    """``s3_config(**top)``: a configuration whose repository is the test's bucket."""
-
-    def make(
-        bucket: str = s3bucket, name: str = "backupd.yaml", repository: str = "", **top: Any
-    ) -> Path:
-        settings = {
-            "endpoint_url": s3server.endpoint_url,
-            "access_key_id": s3server.access_key_id,
-            "secret_access_key": s3server.secret_access_key,
-            "max_attempts": 2,
-            **top.pop("s3", {}),
-        }
-        vm_settings = top.pop("vm_settings", {})
-        return write_config(
-            tmp_path / name,
-            repository or f"s3://{bucket}/{PREFIX}",  # type: ignore[arg-type]
-            {"guest1": {"qmp": str(vm.qmp_path), **vm_settings}},
-            s3=settings,
-            scratch_dir=str(tmp_path / "scratch"),
-            runtime_dir=str(vm.qmp_path.parent),
-            **top,
-        )
-
-    return make
-
-
-@pytest.fixture
-async def bucket(s3server: SwiftS3Server, s3bucket: str) -> AsyncIterator[ObjectStore]:
-    """The test's bucket, as the test itself reads and changes it."""
-    settings = S3Settings(
-        endpoint_url=s3server.endpoint_url,
-        access_key_id=s3server.access_key_id,
-        secret_access_key=s3server.secret_access_key,
-    )
-    async with ObjectStore(settings, s3bucket) as store:
-        yield store
 
 
 def ok(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
