@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from integration.conftest import MiB, backupd
 from integration.harness.chain import (
@@ -366,3 +367,37 @@ async def test_an_output_a_qemu_opened_elsewhere_is_kept_when_the_wait_ends(
     finally:
         await elsewhere.quit()
     assert_restored(target.output, expected, tmp_path)
+
+
+async def test_an_encrypted_backup_is_restored_live_into_a_plain_file(
+    vm: QemuVM, config_for: Callable[..., Path], tmp_path: Path, target: Target
+) -> None:
+    from backupd.keys import keygen
+
+    key = tmp_path / "backupd.key"
+    keygen(key)
+    config = config_for(vm, encryption={"key_file": str(key), "iter_time": 0.05})
+    expected = await back_up(vm, config)
+    run = await target.live(config, *start_args("--speed", "1M"))
+    pid = daemon_pid(target.output)
+    assert pid is not None
+    machine = await target.start()
+    assert machine.qmp is not None
+    await wait_for_copy(machine.qmp)
+    await machine.qemu_io("vda", "read -P 0x44 29M 1M")  # decrypted by the served point
+    await unthrottle(machine.qmp)
+    code, log = await run.finish()
+    assert code == 0, log
+    assert_nothing_served(target.output, tmp_path / "repo", pid)
+    await target.stop()
+    assert_restored(target.output, expected, tmp_path)  # a plain qcow2: no key needed
+    # without the key the point is never served, and nothing is left
+    settings = yaml.safe_load(config.read_text())
+    settings["vms"]["guest1"]["encryption"]["key_file"] = str(tmp_path / "missing.key")
+    other = tmp_path / "missing-key.yaml"
+    other.write_text(yaml.safe_dump(settings))
+    output = tmp_path / "other.qcow2"
+    where = ("--output", str(output), "--target-qmp", str(tmp_path / "q"))
+    refused = backupd(other, "restore", "--live", *start_args(), *where)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "missing.key" in refused.stderr and not output.exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 from backupd.commands import CommandContext
 from backupd.errors import UsageError
 from backupd.interrupt import Interrupt, run_interruptible
+from backupd.keys import vm_key
 from backupd.live import state as live_state
 from backupd.live.flow import (
     LiveOptions,
@@ -65,7 +66,8 @@ async def _start(args: argparse.Namespace, context: CommandContext, opts: LiveOp
     clear_leftover(opts.output)
     config = context.config()
     root = local_repository(config, "restore --live")
-    repo = root.vm(config.vm(args.vm).name)
+    vm = config.vm(args.vm)
+    repo = root.vm(vm.name)
     manifest = repo.resolve(args.backup)
     size = check_disk(manifest, args.disk, repo.vm)
     socket = live_state.socket_path(runtime_base(config), opts.output)
@@ -83,7 +85,8 @@ async def _start(args: argparse.Namespace, context: CommandContext, opts: LiveOp
         live_state.remove(opts.output, None)
         raise
     try:
-        await live.start(repo, manifest)
+        with vm_key(vm.encryption) as key:
+            await live.start(repo, manifest, key)
     finally:
         live.release()
 
@@ -124,6 +127,9 @@ async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
         repo = root.vm(state.vm)
         repo.refuse_unfinished_merge()
         manifest = repo.load(state.backup)
+        with vm_key(config.vm(state.vm).encryption) as key:
+            await live.resume(repo, manifest, key)
+        return
     await live.resume(repo, manifest)
 
 

@@ -33,6 +33,7 @@ from enum import Enum
 from pathlib import Path
 
 from backupd.errors import BackupdError, NotFoundError, QemuCommandError, QemuError, UsageError
+from backupd.keys import Key
 from backupd.live import state as live_state
 from backupd.live.overlay import backing_file, blockdev_option, create, in_use, node_name
 from backupd.live.served import ServedPoint
@@ -102,11 +103,12 @@ class LiveRestore:
             f"--output {self.output} --target-qmp {self.options.target}"
         )
 
-    async def start(self, repo: VMRepository, manifest: Manifest) -> None:
-        """Serve, make the output, wait for the VM, copy (steps 1-5)."""
+    async def start(self, repo: VMRepository, manifest: Manifest, key: Key | None = None) -> None:
+        """Serve, make the output, wait for the VM, copy (steps 1-5); ``key``: the VM's
+        encryption key (its backups are encrypted, the output is not)."""
         self.phase = Phase.PREPARING
         try:
-            pid = await self.served.start(repo, manifest, self.state.disk, self.holder)
+            pid = await self.served.start(repo, manifest, self.state.disk, self.holder, key)
             partial = self.state.folder / live_state.OVERLAY
             await create(partial, self.output, self.state.uri)
             self.fresh = _identity(self.output)
@@ -117,12 +119,14 @@ class LiveRestore:
             await run_to_completion(self.aftermath(exc))
             raise
 
-    async def resume(self, repo: VMRepository | None, manifest: Manifest | None) -> None:
+    async def resume(
+        self, repo: VMRepository | None, manifest: Manifest | None, key: Key | None = None
+    ) -> None:
         """Serve again if the daemon is gone (``repo`` and ``manifest`` given), then wait
         for the VM and copy (steps 3-5)."""
         try:
             if repo is not None and manifest is not None:
-                pid = await self.served.start(repo, manifest, self.state.disk, self.holder)
+                pid = await self.served.start(repo, manifest, self.state.disk, self.holder, key)
                 log.info("serving backup %s again (qemu-storage-daemon pid %d)", manifest.id, pid)
             if backing_file(self.output) is None:  # complete while backupd was away
                 await self._finish()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from backupd.chain import checked_chain
 from backupd.errors import BackupdError
+from backupd.keys import SECRET_ID, Key
 from backupd.live.state import LOG, PIDFILE, SERVED
 from backupd.lock import acquire, name_holder
 from backupd.manifest import Manifest
@@ -97,27 +98,31 @@ class ServedPoint:
         lines = [line.strip() for line in lines if line.strip()]
         return lines[-1] if lines else "no message"
 
-    def _args(self, nodes: list[dict[str, object]], disk: str) -> list[str]:
+    def _args(self, nodes: list[dict[str, object]], disk: str, key: Key | None) -> list[str]:
         server = {"addr": {"type": "unix", "path": str(self.socket)}}
         export = {"type": "nbd", "id": "e0", "node-name": nodes[-1]["node-name"], "name": disk}
         return [
             "qemu-storage-daemon",
             *("--pidfile", str(self.pidfile)),
+            *(("--object", json.dumps(key.qemu_object(SECRET_ID))) if key is not None else ()),
             *(arg for node in nodes for arg in ("--blockdev", json.dumps(node))),
             *("--nbd-server", json.dumps(server)),
             *("--export", json.dumps({**export, "writable": False})),
         ]
 
-    async def start(self, repo: VMRepository, manifest: Manifest, disk: str, holder: str) -> int:
+    async def start(
+        self, repo: VMRepository, manifest: Manifest, disk: str, holder: str, key: Key | None
+    ) -> int:
         """Take the VM's ``.readers`` lock (shared), pass the chain of ``disk`` through the
         gate and start the daemon on it, detached; its pid once it serves.  HOLDER says,
-        in the lock file, what holds the lock (with the daemon's pid)."""
+        in the lock file, what holds the lock (with the daemon's pid).  ``key``: the VM's
+        encryption key (qemu reads it once, from the descriptor, when it starts)."""
         private_dir(self.socket.parent, "runtime_dir")
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # left by a daemon that was killed (the caller checked)
         lock = acquire(repo.readers_path, repo.vm, shared=True, purpose=holder)
         try:
-            with checked_chain(repo, manifest, disk) as files:
+            with checked_chain(repo, manifest, disk, encrypted=key is not None) as files:
                 nodes = blockdev_for(files, 0)
                 log = os.open(
                     self.logfile,
@@ -128,11 +133,13 @@ class ServedPoint:
                     # not in a thread: a cancel must not come between the fork and
                     # self._child, or a daemon would run that nothing knows of
                     self._child = subprocess.Popen(  # noqa: ASYNC220
-                        self._args(nodes, disk),
+                        self._args(nodes, disk, key),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
-                        pass_fds=[checked.fd for checked in files] + [lock],
+                        pass_fds=[checked.fd for checked in files]
+                        + [lock]
+                        + ([key.fd] if key is not None else []),
                         start_new_session=True,
                         cwd="/",
                     )
