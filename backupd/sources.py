@@ -38,7 +38,14 @@ from backupd.qemu.fleece import (
 )
 from backupd.qemu.guest_agent import GuestAgent
 from backupd.qemu.images import image_node, open_image
-from backupd.qemu.inventory import Disk, check_version, node_disks, select_disks
+from backupd.qemu.inventory import (
+    BlockState,
+    Disk,
+    block_state,
+    check_version,
+    node_disks,
+    select_disks,
+)
 from backupd.qemu.qmp import QemuMonitor
 from backupd.qemu.storage_daemon import StorageDaemon, stop_leftover
 from backupd.quiesce import open_agent
@@ -93,6 +100,11 @@ class OnlineSource(Source):
 
     kind = VMState.ONLINE
 
+    def __init__(self, vm: VMConfig, monitor: QemuMonitor) -> None:
+        super().__init__(vm, monitor)
+        #: qemu's block layer as the clean-up saw it, while that is still what it is
+        self._graph: BlockState | None = None
+
     @classmethod
     async def open(cls, vm: VMConfig, monitor: QemuMonitor) -> OnlineSource:
         """From a connected monitor: check qemu, connect the guest agent."""
@@ -106,10 +118,16 @@ class OnlineSource(Source):
         return source
 
     async def cleanup(self, is_leftover: Callable[[str], bool], scratch_dir: Path) -> list[str]:
-        return await cleanup_leftovers(self.monitor, is_leftover, scratch_dir)
+        graph = await block_state(self.monitor)
+        removed = await cleanup_leftovers(self.monitor, is_leftover, scratch_dir, graph)
+        # nothing removed (every run but one after a killed one): the disks are read
+        # from the same answers instead of asking qemu again
+        self._graph = None if removed else graph
+        return removed
 
     async def disks(self) -> list[Disk]:
-        return await select_disks(self.monitor, self.vm.disks)
+        graph, self._graph = self._graph, None
+        return await select_disks(self.monitor, self.vm.disks, graph)
 
     def session(
         self,

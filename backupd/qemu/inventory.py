@@ -92,6 +92,22 @@ async def named_nodes(monitor: QemuMonitor) -> list[dict[str, Any]]:
     return nodes
 
 
+@dataclass(frozen=True, slots=True)
+class BlockState:
+    """qemu's block layer as one ``query-named-block-nodes`` and one ``query-block``
+    saw it: what the clean-up of a killed run and the choice of disks both read, so
+    a run asks once (not once per thing it looks for)."""
+
+    nodes: list[dict[str, Any]]
+    blocks: list[dict[str, Any]]
+
+
+async def block_state(monitor: QemuMonitor) -> BlockState:
+    nodes = await named_nodes(monitor)
+    blocks: list[dict[str, Any]] = await monitor.execute("query-block")
+    return BlockState(nodes, blocks)
+
+
 def _disk(name: str, info: dict[str, Any], node: dict[str, Any], device: str | None) -> Disk:
     """A Disk from a BlockDeviceInfo (``query-block``'s ``inserted`` or a named node) and
     the node's entry in ``query-named-block-nodes`` (for its bitmaps)."""
@@ -107,13 +123,12 @@ def _disk(name: str, info: dict[str, Any], node: dict[str, Any], device: str | N
     )
 
 
-async def _query(monitor: QemuMonitor) -> tuple[list[Disk], dict[str, dict[str, Any]]]:
+def _guest_disks(state: BlockState) -> tuple[list[Disk], dict[str, dict[str, Any]]]:
     """Every guest disk (device id, format node, size, bitmaps), and every named node
     by name."""
-    nodes = {n["node-name"]: n for n in await named_nodes(monitor)}
-    blocks: list[dict[str, Any]] = await monitor.execute("query-block")
+    nodes = {n["node-name"]: n for n in state.nodes}
     disks = []
-    for block in blocks:
+    for block in state.blocks:
         inserted = block.get("inserted")
         if not inserted:
             continue
@@ -133,9 +148,12 @@ async def node_disks(monitor: QemuMonitor, nodes: Mapping[str, str]) -> list[Dis
     return [_disk(name, found[node], found[node], None) for name, node in nodes.items()]
 
 
-async def select_disks(monitor: QemuMonitor, wanted: Sequence[str] | None) -> list[Disk]:
-    """The configured disks, or every writable disk with a guest device."""
-    disks, nodes = await _query(monitor)
+async def select_disks(
+    monitor: QemuMonitor, wanted: Sequence[str] | None, state: BlockState | None = None
+) -> list[Disk]:
+    """The configured disks, or every writable disk with a guest device; from
+    ``state`` when it is still what qemu has, else asked."""
+    disks, nodes = _guest_disks(state if state is not None else await block_state(monitor))
     if wanted is None:
         chosen = [d for d in disks if not d.read_only and d.device]
         if not chosen:

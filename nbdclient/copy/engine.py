@@ -7,7 +7,8 @@ How a copy runs.  The plan's reads are cut into requests of at most ``request_si
 on that costs it about 3x the CPU per byte -- 2 GiB from qemu-nbd took 0.40 s in
 512 KiB reads and 1.0 s in 1-4 MiB reads -- so larger requests are slower, not
 faster).  Each of ``requests`` workers takes the next *batch*: consecutive requests up
-to :data:`WRITE_BATCH` bytes (many small extents, or slices of a large one), laid out
+to :data:`WRITE_BATCH` bytes (less in a small copy: :func:`batch_limit`; many small
+extents, or slices of a large one), laid out
 in one page-aligned buffer from the run's :class:`BufferPool`.  The worker sends every
 request of the batch in one write (``Client.pread_many``: one system call for many
 small reads) over its connection (the workers share the source's connections, several
@@ -67,6 +68,8 @@ from .source import Source
 
 #: sink bytes written at once: consecutive requests are batched up to this size
 WRITE_BATCH = 2 << 20
+#: the smallest batch a small copy is cut into (see :func:`batch_limit`)
+MIN_BATCH = 512 << 10
 #: more connections pay only for copies larger than this
 SPREAD_MIN = 4 << 20
 
@@ -180,6 +183,21 @@ def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
+def batch_limit(read_bytes: int, workers: int, step: int) -> int:
+    """Bytes per batch: :data:`WRITE_BATCH`, halved (down to :data:`MIN_BATCH` or one
+    request) while the copy would give each worker fewer than two batches.  A batch
+    is written only once its last reply is in: a small copy in big batches has every
+    worker waiting for its replies first and writing only at the end, while in
+    smaller ones the writes of the first batches overlap the reads of the next (an
+    incremental of 40 MiB in 64 KiB extents: 1 MiB batches copied it in 0.14-0.16 s,
+    2 MiB ones in 0.19-0.33 s, medians of 6 on 2 cores)."""
+    limit = WRITE_BATCH
+    floor = max(MIN_BATCH, step)
+    while limit > floor and limit * 2 * workers > read_bytes:
+        limit //= 2
+    return max(limit, floor)
+
+
 def _requests(plan: Plan, step: int, granularity: int) -> Iterator[tuple[int, int]]:
     for start, end in plan.reads:
         if start % granularity:
@@ -271,10 +289,11 @@ class _Workers:
         self.total = 0
 
     async def run(self, plan: Plan, workers: int) -> None:
+        limit = min(self.limit, batch_limit(plan.read_bytes, workers, self.step))
         batches = _batches(
             _requests(plan, self.step, self.sink.granularity),
             self.sink,
-            min(self.buffers.size, self.limit),
+            min(self.buffers.size, limit),
         )
         clients = self.source.clients
         failed: BaseException | None = None

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from backupd.config import VMConfig
 from backupd.errors import QemuError
 from backupd.qemu.fleece import cleanup_leftovers
 from backupd.qemu.fleece.names import STATE_FILE
 from backupd.qemu.fleece.scratch import SessionState, write_state
 from backupd.qemu.qmp import QemuMonitor
+from backupd.sources import OnlineSource
 from tests.backupd.fakeqemu import Bitmap, FakeQemu
 from tests.backupd.fakeqmp import FakeQmp
 from tests.backupd.fleecing import NEW, PARENT, Folders, new_session
@@ -187,3 +189,25 @@ async def test_only_scratch_files_go(
     removed = await cleanup_leftovers(monitor, ours, folders.scratch)
     assert removed == ["scratch file a.qcow2", "scratch file b.raw"]
     assert [p.name for p in folders.scratch.iterdir()] == ["notes.txt"]
+
+
+async def test_a_clean_start_asks_for_nodes_and_devices_once(
+    fake: FakeQmp, monitor: QemuMonitor, folders: Folders
+) -> None:
+    """Nothing left by a killed run: the clean-up and the choice of disks share one
+    query-named-block-nodes and one query-block; after a clean-up that removed
+    something, the disks are asked again (the bitmaps changed)."""
+    source = OnlineSource(VMConfig(name="vm", qmp="unused"), monitor)
+    assert await source.cleanup(ours, folders.scratch) == []
+    disks = await source.disks()
+    assert [d.name for d in disks] == ["vda", "vdb"]
+    assert len(fake.called("query-named-block-nodes")) == 1
+    assert len(fake.called("query-block")) == 1
+
+    await killed_run(monitor, folders)
+    nodes, blocks = len(fake.called("query-named-block-nodes")), len(fake.called("query-block"))
+    assert await source.cleanup(ours, folders.scratch)
+    disks = await source.disks()
+    assert NEW not in {b.name for d in disks for b in d.bitmaps}  # asked after the removal
+    assert len(fake.called("query-named-block-nodes")) == nodes + 2
+    assert len(fake.called("query-block")) == blocks + 2

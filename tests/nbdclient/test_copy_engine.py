@@ -27,6 +27,7 @@ from nbdclient.copy import (
     copy,
     copy_to_file,
 )
+from nbdclient.copy.engine import MIN_BATCH, WRITE_BATCH, batch_limit
 from nbdclient.fileio import Offload
 from nbdclient.multiconn import connect_many
 
@@ -354,3 +355,12 @@ async def test_shared_pool_survives_a_failed_copy(sockdir: Path) -> None:
     assert results[1] == nbdclient.copy.CopyStats(SIZE, SIZE, 0)
     assert sink_b.data == pattern() and sink_b.finished == 1
     assert len(pool.dropped) == 1 and pool.dropped[0] not in sink_b.buffers
+
+
+def test_batch_limit_small_copies_get_smaller_batches() -> None:
+    step = 512 << 10
+    assert batch_limit(2 << 30, 16, step) == WRITE_BATCH  # a full: whole batches
+    assert batch_limit(40 << 20, 16, step) == 1 << 20  # two batches per worker
+    assert batch_limit(4 << 20, 16, step) == MIN_BATCH  # never below the floor
+    assert batch_limit(1 << 20, 1, 4096) == MIN_BATCH
+    assert batch_limit(1 << 20, 16, 1 << 20) == 1 << 20  # never below one request

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from backupd.bitmaps import EXPORT_BITMAP
 from backupd.errors import QemuCommandError, QemuError
@@ -34,26 +35,34 @@ from backupd.qemu.fleece.names import (
     SCRATCH_PREFIX,
 )
 from backupd.qemu.fleece.scratch import SessionState, leftover_files, read_state, remove_state
-from backupd.qemu.inventory import named_nodes
+from backupd.qemu.inventory import BlockState, block_state, named_nodes
 from backupd.qemu.qmp import QemuMonitor
 
 
 async def cleanup_leftovers(
-    monitor: QemuMonitor, is_leftover: Callable[[str], bool], scratch_dir: Path
+    monitor: QemuMonitor,
+    is_leftover: Callable[[str], bool],
+    scratch_dir: Path,
+    graph: BlockState | None = None,
 ) -> list[str]:
     """Undo what a killed run left in qemu and in the scratch folder; returns what was
     removed.  Bitmaps for which ``is_leftover`` says so are removed (those of this
-    repository that no committed backup owns); the export bitmap never is."""
+    repository that no committed backup owns); the export bitmap never is.
+
+    The nodes, devices and bitmaps are read once (``graph``, or asked now): removing
+    one of them changes nothing else of what is looked for, and removing what is gone
+    already is no error."""
     state = read_state(scratch_dir)
+    graph = graph if graph is not None else await block_state(monitor)
     removed: list[str] = []
     removed += await _resume_if_paused(monitor, state)
     removed += await _remove_exports(monitor)
     removed += await _cancel_jobs(monitor)
-    removed += await _delete_nodes(monitor, ACCESS_PREFIX)
-    removed += await _put_devices_back(monitor, state)
-    removed += await _delete_nodes(monitor, CBW_PREFIX)
-    removed += await _delete_nodes(monitor, SCRATCH_PREFIX)
-    removed += await remove_stray_bitmaps(monitor, is_leftover)
+    removed += await _delete_nodes(monitor, graph.nodes, ACCESS_PREFIX)
+    removed += await _put_devices_back(monitor, graph.blocks, state)
+    removed += await _delete_nodes(monitor, graph.nodes, CBW_PREFIX)
+    removed += await _delete_nodes(monitor, graph.nodes, SCRATCH_PREFIX)
+    removed += await remove_stray_bitmaps(monitor, is_leftover, graph.nodes)
     removed += remove_scratch_leftovers(scratch_dir)
     return removed
 
@@ -104,9 +113,11 @@ async def _cancel_jobs(monitor: QemuMonitor) -> list[str]:
     return removed
 
 
-async def _delete_nodes(monitor: QemuMonitor, prefix: str) -> list[str]:
+async def _delete_nodes(
+    monitor: QemuMonitor, nodes: list[dict[str, Any]], prefix: str
+) -> list[str]:
     removed = []
-    for info in await named_nodes(monitor):
+    for info in nodes:
         node = str(info.get("node-name", ""))
         if node.startswith(prefix):
             await delete_node(monitor, node)
@@ -114,11 +125,13 @@ async def _delete_nodes(monitor: QemuMonitor, prefix: str) -> list[str]:
     return removed
 
 
-async def _put_devices_back(monitor: QemuMonitor, state: SessionState) -> list[str]:
+async def _put_devices_back(
+    monitor: QemuMonitor, blocks: list[dict[str, Any]], state: SessionState
+) -> list[str]:
     """Every guest device that writes through backupd's filter goes back onto the node
     it had: the one the state file recorded, else the filter's child in qemu's graph."""
     removed = []
-    for block in await monitor.execute("query-block"):
+    for block in blocks:
         inserted = block.get("inserted") or {}
         root = str(inserted.get("node-name", ""))
         device = block.get("qdev")
@@ -137,12 +150,14 @@ async def _put_devices_back(monitor: QemuMonitor, state: SessionState) -> list[s
 
 
 async def remove_stray_bitmaps(
-    monitor: QemuMonitor, is_leftover: Callable[[str], bool]
+    monitor: QemuMonitor,
+    is_leftover: Callable[[str], bool],
+    nodes: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """The bitmaps for which ``is_leftover`` says so, on every node (never the export
-    bitmap)."""
+    bitmap); ``nodes``: qemu's named nodes as just asked."""
     removed = []
-    for node in await named_nodes(monitor):
+    for node in nodes if nodes is not None else await named_nodes(monitor):
         for bitmap in node.get("dirty-bitmaps", []) or []:
             name = bitmap.get("name")
             if name and name != EXPORT_BITMAP and is_leftover(str(name)):
