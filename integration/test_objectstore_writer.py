@@ -187,3 +187,23 @@ async def test_server_gone_mid_upload(tmp_path: Path) -> None:
             await writer.abort()  # no server to tell: it still returns
     text = str(gone.value)
     assert "\n" not in text and f"S3 endpoint {server.endpoint_url} is unreachable" in text
+
+
+async def test_a_reused_part_buffer_holds_no_stale_bytes(store: ObjectStore) -> None:
+    """With one part filling and one uploading, part 3 gets part 1's buffer and part 4
+    part 2's: the ranges declared zero read as zeros, before and after the data."""
+    half = PART // 2
+    async with MultipartWriter(store, "reuse.bin", part_size=PART, window=1, concurrency=1) as w:
+        await w.write(0, b"H" * 100)
+        await w.write(PART, b"1" * PART)
+        await w.write(2 * PART, b"2" * PART)
+        await w.write_zeroes(3 * PART, half)  # declared before the part has a buffer
+        await w.write(3 * PART + half, b"3" * half)
+        await w.write(4 * PART, b"4" * half)
+        await w.write_zeroes(4 * PART + half, half)  # declared into the reused buffer
+        etag = await w.finish()
+    assert etag.endswith("-5")
+    expected = b"H" * 100 + bytes(PART - 100) + b"1" * PART + b"2" * PART
+    expected += bytes(half) + b"3" * half + b"4" * half + bytes(half)
+    assert await store.get("reuse.bin") == expected
+    assert w.peak_buffered == 3 * PART  # part 0, one filling, one uploading: reused
