@@ -354,3 +354,34 @@ async def test_shared_pool_survives_a_failed_copy(sockdir: Path) -> None:
     assert results[1] == nbdclient.copy.CopyStats(SIZE, SIZE, 0)
     assert sink_b.data == pattern() and sink_b.finished == 1
     assert len(pool.dropped) == 1 and pool.dropped[0] not in sink_b.buffers
+
+
+async def test_pool_serves_waiters_first_come_first_served() -> None:
+    """A worker that gives a buffer back and asks again queues behind the ones waiting
+    (with fewer buffers than workers, the lowest batch must get the next buffer)."""
+    pool = BufferPool(4096, 1)
+    first = await pool.get()
+    order: list[str] = []
+
+    async def wait(name: str) -> None:
+        buf = await pool.get()
+        order.append(name)
+        pool.put(buf)
+
+    waiting = [asyncio.create_task(wait(name)) for name in ("b", "c")]
+    await asyncio.sleep(0)
+    pool.put(first)
+    again = asyncio.create_task(wait("a"))  # gave it back, asks again: after b and c
+    await asyncio.gather(*waiting, again)
+    assert order == ["b", "c", "a"]
+
+
+async def test_pool_buffer_of_a_cancelled_waiter_goes_to_the_next() -> None:
+    pool = BufferPool(4096, 1)
+    held = await pool.get()
+    cancelled = asyncio.create_task(pool.get())
+    later = asyncio.create_task(pool.get())
+    await asyncio.sleep(0)
+    pool.put(held)  # handed to the first waiter, which is cancelled before it runs
+    cancelled.cancel()
+    assert (await asyncio.wait_for(later, 1)).obj is held.obj
