@@ -102,6 +102,20 @@ class _Part:
         self.covered = sum(e - s for s, e in self.spans)
         return True
 
+    def clear_gaps(self, length: int) -> None:
+        """Zero what of ``buf[:length]`` was never written (a part handed off by
+        :meth:`MultipartWriter.finish`; a reused buffer holds an older part's bytes)."""
+        assert self.buf is not None
+        at = 0
+        for start, end in self.spans:
+            if start >= length:
+                break
+            if start > at:
+                _clear(self.buf, at, start)
+            at = end
+        if at < length:
+            _clear(self.buf, at, length)
+
 
 class MultipartWriter:
     """Writes at byte offsets into object ``key``; :meth:`finish` makes the object."""
@@ -303,6 +317,9 @@ class MultipartWriter:
         if buf is None:  # never written: zeros
             buf = self._buffer(self._size(index))
             _clear(buf, 0, length)
+        else:
+            assert part is not None
+            part.clear_gaps(length)
         self._handed.add(index)
         task = asyncio.create_task(self._upload(index, buf, length))
         self._uploads.add(task)
@@ -358,6 +375,8 @@ class MultipartWriter:
         try:
             if last == 0 and self._creating is None:
                 part = self._parts.pop(0, None)
+                if part is not None and part.buf is not None:
+                    part.clear_gaps(size)
                 body = memoryview(part.buf if part and part.buf else bytearray(size))[:size]
                 etag = await self._via(self.store.put(self.key, body, metadata=self.metadata))
             else:
