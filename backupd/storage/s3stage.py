@@ -47,13 +47,13 @@ log = logging.getLogger("backupd.s3")
 T = TypeVar("T")
 MiB = 1 << 20
 
-#: part buffers of one run, all its disks together: one disk gets parts of 32 MiB
-#: (Swift stores each part as an object of its own: 32 MiB parts upload faster than
-#: 16 MiB ones, see the README's S3 figures)
-UPLOAD_MEMORY = 133 * MiB
+#: part buffers of one run, all its disks together: one disk gets parts of 24 MiB,
+#: 2 filling and 3 uploading (Swift stores each part as an object of its own: larger
+#: parts and more of them in flight keep it busier; see the README's S3 figures)
+UPLOAD_MEMORY = 125 * MiB
 #: parts being filled and parts being uploaded per disk
 WINDOW = 2
-CONCURRENCY = 2
+CONCURRENCY = 3
 LARGEST_PART = 64 * MiB
 #: hashing of a batch this small is done on the loop (cheaper than a hop to a thread)
 INLINE = 256 << 10
