@@ -187,3 +187,24 @@ async def test_server_gone_mid_upload(tmp_path: Path) -> None:
             await writer.abort()  # no server to tell: it still returns
     text = str(gone.value)
     assert "\n" not in text and f"S3 endpoint {server.endpoint_url} is unreachable" in text
+
+
+async def test_a_reused_part_buffer_holds_no_stale_bytes(store: ObjectStore) -> None:
+    """With one part filling and one uploading, part 3 gets part 1's buffer and the
+    header, written last, part 2's: what was declared zero and what was never written
+    (the rest of part 0, the end of the last part) read as zeros."""
+    half, quarter = PART // 2, PART // 4
+    async with MultipartWriter(store, "reuse.bin", part_size=PART, window=1, concurrency=1) as w:
+        await w.write(PART, b"1" * PART)
+        await w.write(2 * PART, b"2" * PART)  # goes up once part 1 is up: its buffer is free
+        await w.write_zeroes(3 * PART, half)  # declared before the part has a buffer
+        await w.write(3 * PART + half, b"3" * half)
+        await w.write(0, b"H" * 100)  # the header, into part 2's buffer
+        await w.write(4 * PART, b"4" * quarter)
+        await w.write_zeroes(4 * PART + quarter, quarter)
+        etag = await w.finish(4 * PART + PART - 10)
+    assert etag.endswith("-5")
+    expected = b"H" * 100 + bytes(PART - 100) + b"1" * PART + b"2" * PART
+    expected += bytes(half) + b"3" * half + b"4" * quarter + bytes(PART - quarter - 10)
+    assert await store.get("reuse.bin") == expected
+    assert w.peak_buffered == 3 * PART  # two parts' buffers reused

@@ -3,9 +3,10 @@ multipart upload (nothing staged on a local disk), the manifest written last.
 
 :class:`UploadTarget` is the qcow2 writer's :class:`~backupd.qcow2.target.ByteTarget`
 for an object: the copy engine's batches go into a
-:class:`~backupd.objectstore.writer.MultipartWriter` on the repository's bridge loop
-(which uploads each part once complete, holds the first part back, and writes the
-header into it at the end), the holes the writer leaves are declared zero, and
+:class:`~backupd.objectstore.writer.MultipartWriter` on the copy's own loop (which
+uploads each part once complete, holds the first part back, and writes the header into
+it at the end; its requests run on the repository's bridge loop, one hop per part, not
+per batch), the holes the writer leaves are declared zero, and
 :meth:`UploadTarget.finish` appends the metadata and completes the upload.  Until the
 manifest exists the objects are no backup: a failed or killed run leaves nothing
 visible, and :meth:`S3StagedBackup.abort` (or the next run: :mod:`.leases`) removes
@@ -31,7 +32,7 @@ from backupd.manifest import Manifest
 from backupd.objectstore.objects import MAX_PARTS, MIN_PART
 from backupd.qcow2.layout import CLUSTER_SIZE
 from backupd.qcow2.sink import Qcow2Sink
-from backupd.qcow2.writer import Qcow2Stats, Qcow2Tail, Qcow2Writer
+from backupd.qcow2.writer import Qcow2Stats, Qcow2Writer
 from backupd.storage.leases import LEASE, Lease
 from backupd.storage.vmrepo import MANIFEST
 
@@ -46,11 +47,13 @@ log = logging.getLogger("backupd.s3")
 T = TypeVar("T")
 MiB = 1 << 20
 
-#: part buffers of one run, all its disks together
-UPLOAD_MEMORY = 80 * MiB
+#: part buffers of one run, all its disks together: one disk gets parts of 24 MiB,
+#: 2 filling and 3 uploading (Swift stores each part as an object of its own: larger
+#: parts and more of them in flight keep it busier; see the README's S3 figures)
+UPLOAD_MEMORY = 125 * MiB
 #: parts being filled and parts being uploaded per disk
 WINDOW = 2
-CONCURRENCY = 2
+CONCURRENCY = 3
 LARGEST_PART = 64 * MiB
 #: hashing of a batch this small is done on the loop (cheaper than a hop to a thread)
 INLINE = 256 << 10
@@ -83,8 +86,13 @@ def part_layout(expected: int, disks: int = 1) -> PartLayout:
 
 
 def multipart(
-    storage: S3Storage, key: str, layout: PartLayout, metadata: dict[str, str] | None = None
+    storage: S3Storage,
+    key: str,
+    layout: PartLayout,
+    metadata: dict[str, str] | None = None,
 ) -> MultipartWriter:
+    """A writer of ``key``, used on any loop: its requests run on the bridge's (on the
+    bridge's own loop, directly)."""
     from backupd.objectstore.writer import MultipartWriter
 
     return MultipartWriter(
@@ -95,39 +103,37 @@ def multipart(
         window=layout.window,
         concurrency=layout.concurrency,
         metadata=metadata,
+        via=storage.run,
     )
 
 
 class UploadTarget:
-    """A qcow2 image written into one multipart upload (see the module docstring)."""
+    """A qcow2 image written into one multipart upload (see the module docstring).
+
+    The upload's writer lives on the copy's loop (every batch goes into its part
+    buffers there); only its requests run on the bridge's loop, one hop per part."""
 
     def __init__(self, storage: S3Storage, upload: MultipartWriter, expected: int = 0) -> None:
         self.storage = storage
         self.upload = upload
         self._begun = expected <= upload.first_part_size  # small: one PUT at the end
 
-    async def _begin(self) -> None:
-        self.upload.begin()
-
     async def store(self, buf: memoryview, span: int, offset: int, prepare: Callable[[], T]) -> T:
         if not self._begun:  # several parts ahead: begin the upload with the first bytes
             self._begun = True
-            await self.storage.run(self._begin())
+            self.upload.begin()
         result = prepare() if span <= INLINE else await asyncio.to_thread(prepare)
-        await self.storage.run(self.upload.write(offset, buf[:span]))
+        await self.upload.write(offset, buf[:span])
         return result
 
     async def zeroes(self, offset: int, length: int) -> None:
-        await self.storage.run(self.upload.write_zeroes(offset, length))
+        await self.upload.write_zeroes(offset, length)
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
 
     async def finish(self, writer: Qcow2Writer) -> Qcow2Stats:
         tail = await asyncio.to_thread(writer.tail)
-        return await self.storage.run(self._finish(writer, tail))
-
-    async def _finish(self, writer: Qcow2Writer, tail: Qcow2Tail) -> Qcow2Stats:
         at = writer.end
         for offset, piece in tail.pieces:
             if offset > at:
@@ -142,7 +148,7 @@ class UploadTarget:
         return stats
 
     async def abort(self) -> None:
-        await self.storage.run(self.upload.abort())
+        await self.upload.abort()
 
 
 class S3StagedBackup:
@@ -169,9 +175,10 @@ class S3StagedBackup:
         return self.repo.key(self.id, name)
 
     def read_buffers(self, settings: Transfer) -> int:
-        """One batch in flight per read of one disk, shared by all disks: an upload, not
-        the reading, bounds the run, and the memory goes to the parts."""
-        return max(1, settings.requests)
+        """A batch in flight for every second read of one disk, shared by all disks (the
+        pool serves them in turn): an upload, not the reading, bounds the run, and the
+        memory goes to the parts."""
+        return max(1, settings.requests // 2)
 
     def sink(
         self,

@@ -54,6 +54,7 @@ touch it); the pool makes a new one in its place.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -148,28 +149,49 @@ class Sink(Protocol):
 
 class BufferPool:
     """Page-aligned buffers shared by every copy of a run, made on first use: memory is
-    bounded by the pool (``count * size``), not by copies times reads in flight."""
+    bounded by the pool (``count * size``), not by copies times reads in flight.
+
+    Buffers go to waiters first come, first served: a worker that just gave one back
+    does not take it again past the workers waiting longer.  A sink that holds writes
+    beyond a window (an upload) relies on it when the pool has fewer buffers than the
+    copies have workers: the batches are taken in order, so the lowest one waiting
+    always gets the next buffer and the window moves."""
 
     def __init__(self, size: int, count: int) -> None:
         self.size = size
         self._count = count
         self._made = 0
-        self._free: asyncio.Queue[memoryview] = asyncio.Queue()
+        self._free: collections.deque[memoryview] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[memoryview]] = collections.deque()
 
     async def get(self) -> memoryview:
-        if self._free.empty() and self._made < self._count:
-            self._made += 1
-            return aligned_buffer(self.size)
-        return await self._free.get()
+        if self._waiters or not self._free:
+            if not self._waiters and self._made < self._count:
+                self._made += 1
+                return aligned_buffer(self.size)
+            waiter: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                return await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.put(waiter.result())  # handed over as we were cancelled: pass it on
+                raise
+        return self._free.popleft()
 
     def put(self, buf: memoryview) -> None:
         """Give a buffer back; only when no read or write can still touch it."""
-        self._free.put_nowait(buf)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(buf)
+                return
+        self._free.append(buf)
 
     def discard(self, buf: memoryview) -> None:
         """Drop a buffer that an abandoned read or write may still touch, and put a new
         one in its place (a copy waiting for a buffer gets it)."""
-        self._free.put_nowait(aligned_buffer(self.size))
+        self.put(aligned_buffer(self.size))
 
 
 @dataclass(frozen=True, slots=True)

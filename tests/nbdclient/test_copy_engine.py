@@ -364,3 +364,34 @@ def test_batch_limit_small_copies_get_smaller_batches() -> None:
     assert batch_limit(4 << 20, 16, step) == MIN_BATCH  # never below the floor
     assert batch_limit(1 << 20, 1, 4096) == MIN_BATCH
     assert batch_limit(1 << 20, 16, 1 << 20) == 1 << 20  # never below one request
+
+
+async def test_pool_serves_waiters_first_come_first_served() -> None:
+    """A worker that gives a buffer back and asks again queues behind the ones waiting
+    (with fewer buffers than workers, the lowest batch must get the next buffer)."""
+    pool = BufferPool(4096, 1)
+    first = await pool.get()
+    order: list[str] = []
+
+    async def wait(name: str) -> None:
+        buf = await pool.get()
+        order.append(name)
+        pool.put(buf)
+
+    waiting = [asyncio.create_task(wait(name)) for name in ("b", "c")]
+    await asyncio.sleep(0)
+    pool.put(first)
+    again = asyncio.create_task(wait("a"))  # gave it back, asks again: after b and c
+    await asyncio.gather(*waiting, again)
+    assert order == ["b", "c", "a"]
+
+
+async def test_pool_buffer_of_a_cancelled_waiter_goes_to_the_next() -> None:
+    pool = BufferPool(4096, 1)
+    held = await pool.get()
+    cancelled = asyncio.create_task(pool.get())
+    later = asyncio.create_task(pool.get())
+    await asyncio.sleep(0)
+    pool.put(held)  # handed to the first waiter, which is cancelled before it runs
+    cancelled.cancel()
+    assert (await asyncio.wait_for(later, 1)).obj is held.obj
