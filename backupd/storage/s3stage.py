@@ -71,11 +71,16 @@ def part_layout(expected: int, disks: int = 1) -> PartLayout:
     run: as large as the run's share of :data:`UPLOAD_MEMORY` allows, larger (and fewer
     at once) when the object needs it to stay within S3's 10,000 parts."""
     share = UPLOAD_MEMORY // max(1, disks) - MIN_PART
-    part = min(LARGEST_PART, max(MIN_PART, share // (WINDOW + CONCURRENCY) // MiB * MiB))
+    window, concurrency = WINDOW, CONCURRENCY
+    slots = share // MIN_PART
+    if slots < WINDOW + CONCURRENCY:  # many disks: fewer parts at once, never below two
+        window = max(1, slots // 2)
+        concurrency = max(1, slots - window)
+    part = min(LARGEST_PART, max(MIN_PART, share // (window + concurrency) // MiB * MiB))
     needed = -(-(expected + expected // 8) // (MAX_PARTS - 100))
     needed = -(-needed // MiB) * MiB
     if needed <= part:
-        return PartLayout(part, WINDOW, CONCURRENCY)
+        return PartLayout(part, window, concurrency)
     log.warning(
         "an object of about %d GiB needs parts of %d MiB: uploading it holds about %d MiB",
         expected >> 30,
