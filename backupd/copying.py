@@ -12,15 +12,16 @@ from backupd.manifest import DiskRecord
 from backupd.planning import Plan
 from backupd.progress import Progress, ProgressMode
 from backupd.qemu.fleece import DiskExport
-from backupd.transfer import Staging, run_pool, transfer_disk
+from backupd.transfer import run_pool, transfer_disk
 
 if TYPE_CHECKING:
     from backupd.qcow2.encryption import KeySpec
+    from backupd.storage.vmrepo import Staged
 
 
 async def copy_disks(
     exports: list[DiskExport],
-    staging: Staging,
+    staging: Staged,
     plan: Plan,
     vm: VMConfig,
     progress_mode: ProgressMode,

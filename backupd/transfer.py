@@ -17,19 +17,19 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from backupd.config import Transfer
 from backupd.faults import checkpoint, hang_point
 from backupd.manifest import DiskRecord
 from backupd.qcow2.layout import CLUSTER_SIZE
-from backupd.qcow2.sink import Qcow2Sink
 from nbdclient.copy import WRITE_BATCH, BufferPool, Plan, Source, copy
 from nbdclient.copy.plan import Interval, blocks_touched, intersect, subtract
 from nbdclient.extents import MappedExtent
 
 if TYPE_CHECKING:
-    from backupd.qcow2.encryption import ImageKey, KeySpec
+    from backupd.qcow2.encryption import KeySpec
+    from backupd.storage.vmrepo import Staged
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,29 +42,6 @@ class CopyPlan:
     @property
     def data_clusters(self) -> int:
         return sum(e - s for s, e in self.data)
-
-
-class Staging(Protocol):
-    """Where a run's images go (a staging folder, or uploads into a bucket)."""
-
-    @property
-    def where(self) -> str: ...
-
-    def sink(
-        self,
-        disk: str,
-        size: int,
-        *,
-        backing_file: str | None,
-        compress: bool,
-        expected: int = 0,
-        disks: int = 1,
-        encryption: tuple[ImageKey, bytes] | None = None,
-    ) -> Qcow2Sink: ...
-
-    def read_buffers(self, settings: Transfer) -> int | None:
-        """Read buffers of the run (None: :func:`run_pool`'s default)."""
-        ...
 
 
 def plan_clusters(
@@ -106,7 +83,7 @@ async def transfer_disk(
     node: str,
     uri: str,
     dirty_context: str | None,
-    staging: Staging,
+    staging: Staged,
     backing_file: str | None,
     settings: Transfer,
     disks: int = 1,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from backupd.keys import Key
     from backupd.merge.fold import FoldResult
     from backupd.merge.plan import Fold
+    from backupd.qcow2.encryption import ImageKey
     from backupd.qcow2.sink import Qcow2Sink
     from backupd.storage.images import ImageFile
 
@@ -62,12 +63,15 @@ class Staged(Protocol):
         compress: bool,
         expected: int = 0,
         disks: int = 1,
+        encryption: tuple[ImageKey, bytes] | None = None,
     ) -> Qcow2Sink:
-        """The image of ``disk`` as a copy engine sink."""
+        """The image of ``disk`` as a copy engine sink (``encryption``: its key and LUKS
+        header region)."""
         ...
 
     def read_buffers(self, settings: Transfer) -> int | None:
-        """Read buffers of a run into it (None: the default)."""
+        """Read buffers of a run into it (None: :func:`backupd.transfer.run_pool`'s
+        default)."""
         ...
 
     def commit(self, manifest: Manifest) -> object:
