@@ -32,7 +32,8 @@ from backupd.errors import ConfigError, EncryptionKeyError, UsageError
 from backupd.qcow2 import luks
 
 if TYPE_CHECKING:  # the ciphers (numpy, cryptography) are imported when a key is used
-    from backupd.qcow2.encryption import KeySpec
+    from backupd.qcow2.encryption import ImageKey, KeySpec
+    from backupd.qcow2.inspector import ImageReader
 
 #: ciphers of qemu 7.2's LUKS (version 1) that backupd writes, and their key bytes
 CIPHERS: Final = luks.CIPHERS
@@ -123,6 +124,16 @@ class Key:
         key_bytes = CIPHERS[s.cipher]
         iterations = luks.iterations_for(s.kdf_hash, key_bytes, s.iter_time)
         return KeySpec(self.passphrase, key_bytes, s.kdf_hash, iterations)
+
+    def open_image(self, image: int | ImageReader, where: str) -> ImageKey:
+        """The master key of the encrypted image ``image`` (a descriptor, or an image in
+        a bucket); EncryptionKeyError naming the key file when it opens no key slot."""
+        from backupd.qcow2.encryption import WrongKey, unlock_file
+
+        try:
+            return unlock_file(image, self.passphrase, where)
+        except WrongKey as exc:
+            raise EncryptionKeyError(f"{exc}: {self.settings.key_file}") from None
 
     @property
     def qemu_file(self) -> str:

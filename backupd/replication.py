@@ -110,13 +110,10 @@ class RunChecker:
     def _plaintext(self, data: bytes, offset: int, start: int, stop: int) -> bytes | memoryview:
         """``[start, stop)`` of the chunk at ``offset``, decrypted when encrypted (whole
         sectors: the cluster holding a run's end is the image's)."""
-        piece = memoryview(data)[start - offset : stop - offset]
         if self.image_key is None:
-            return piece
-        sectors = bytearray(memoryview(data)[start - offset : -(-(stop - offset) // 512) * 512])
-        sectors += bytes(-len(sectors) % 512)
-        self.image_key.cipher.decrypt(sectors, start)
-        return memoryview(sectors)[: stop - start]
+            return memoryview(data)[start - offset : stop - offset]
+        stored = memoryview(data)[start - offset : -(-(stop - offset) // 512) * 512]
+        return self.image_key.plaintext(stored, start, stop - start)
 
     def done(self) -> None:
         if self._open or self._next < len(self.runs):
@@ -230,13 +227,7 @@ def _checker(
         raise EncryptionKeyError(
             f"{where} is encrypted: configure the VM's encryption key to copy it"
         )
-    from backupd.qcow2.encryption import WrongKey, unlock_file
-
-    try:
-        image_key = unlock_file(image.inspectable, key.passphrase, where)
-    except WrongKey as exc:
-        raise EncryptionKeyError(f"{exc}: {key.settings.key_file}") from None
-    return RunChecker(record, where, image_key)
+    return RunChecker(record, where, key.open_image(image.inspectable, where))
 
 
 async def _into_folder(

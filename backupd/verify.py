@@ -89,9 +89,7 @@ def _plaintext(image_key: ImageKey | None, piece: bytes, offset: int, length: in
     """``length`` bytes of ``piece`` (read at ``offset``), decrypted when encrypted."""
     if image_key is None:
         return piece[:length]
-    sectors = bytearray(piece) + bytes(-len(piece) % 512)
-    image_key.cipher.decrypt(sectors, offset)
-    return bytes(sectors[:length])
+    return image_key.plaintext(piece, offset, length)
 
 
 async def _check_digests(
@@ -140,14 +138,7 @@ async def _unlock(checked: CheckedFile, key: Key | None, where: str) -> ImageKey
     """The key of an encrypted file (EncryptionKeyError when the key does not open it)."""
     if not checked.facts.encrypted or key is None:
         return None
-    from backupd.qcow2.encryption import WrongKey, unlock_file
-
-    try:
-        return await asyncio.to_thread(
-            unlock_file, checked.image.inspectable, key.passphrase, where
-        )
-    except WrongKey as exc:
-        raise EncryptionKeyError(f"{exc}: {key.settings.key_file}") from None
+    return await asyncio.to_thread(key.open_image, checked.image.inspectable, where)
 
 
 async def verify_backup(repo: VMRepo, backup: str, key: Key | None = None) -> Report:

@@ -46,7 +46,7 @@ from backupd.manifest import DiskRecord, Kind, Manifest
 from backupd.merge import opening, records
 from backupd.merge.plan import Direction, Fold
 from backupd.qcow2 import layout
-from backupd.qcow2.inspector import ImageRefused, inspect_image
+from backupd.qcow2.inspector import ImageReader, ImageRefused, inspect_image
 from backupd.qemu.tools import qemu_img
 from backupd.repository import MANIFEST, VMRepository
 from backupd.storage.vmrepo import VMRepo
@@ -182,7 +182,7 @@ async def _rebase(
     )  # fmt: skip
 
 
-def _file_key(fd: int, key: Key | None, where: str) -> ImageKey | None:
+def _file_key(fd: int | ImageReader, key: Key | None, where: str) -> ImageKey | None:
     """The master key of an encrypted file the fold changed (its new digests)."""
     if key is None:
         return None
@@ -293,16 +293,17 @@ async def fold_up(
     return FoldResult(manifest, merged, seconds)
 
 
-def check_fold(repo: VMRepository, what: Fold, key: Key | None = None) -> None:
+def check_fold(repo: VMRepo, what: Fold, key: Key | None = None) -> None:
     """Pass every file the fold will hand to qemu through the gate, and (encrypted)
-    check that the key opens it, before anything changes (nothing is merged)."""
+    check that the key opens it, before anything changes (nothing is merged); on any
+    storage."""
     target = repo.load(what.target)
     for disk in sorted(target.disks):
         with checked_chain(repo, target, disk, encrypted=key is not None) as files:
             for checked in files if key is not None else ():
                 where = f"backup {checked.backup} of vm {repo.vm}, disk {disk}"
                 try:
-                    _file_key(checked.fd, key, where)
+                    _file_key(checked.image.inspectable, key, where)
                 except ValueError as exc:  # WrongKey, or a LUKS header refused
                     raise EncryptionKeyError(f"nothing merged: {exc}") from None
 
@@ -374,7 +375,7 @@ class _LocalSteps:
     """A merge on a local disk: qemu-img in place, files renamed, folders removed."""
 
     def check_fold(self, repo: VMRepo, what: Fold, key: Key | None = None) -> None:
-        check_fold(_local(repo), what, key)
+        check_fold(repo, what, key)
 
     async def fold(
         self, repo: VMRepo, what: Fold, resumed: bool = False, key: Key | None = None

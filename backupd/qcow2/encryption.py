@@ -62,6 +62,14 @@ class ImageKey:
         )
         return cls.of(master), region
 
+    def plaintext(self, stored: bytes | memoryview, offset: int, length: int) -> bytes:
+        """The first ``length`` plaintext bytes of ``stored``, read at host ``offset`` (a
+        sector boundary); a short last sector is padded first (its cluster is the
+        file's)."""
+        sectors = bytearray(stored) + bytes(-len(stored) % 512)
+        self.cipher.decrypt(sectors, offset)
+        return bytes(sectors[:length])
+
 
 def _pread(fd: int | ImageReader, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset) if isinstance(fd, int) else fd.pread(length, offset)

@@ -30,13 +30,13 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from backupd.chain import CheckedFile, check_image, checked_chain, image_name
+from backupd.chain import CheckedFile, check_image, image_name
 from backupd.config import Transfer
-from backupd.errors import ChainError, EncryptionKeyError, NotFoundError, RepositoryError
+from backupd.errors import ChainError, NotFoundError, RepositoryError
 from backupd.faults import checkpoint
 from backupd.keys import Key
 from backupd.manifest import DiskRecord, Kind, Manifest
-from backupd.merge.fold import FoldResult
+from backupd.merge.fold import FoldResult, check_fold
 from backupd.merge.plan import Direction, Fold
 from backupd.qcow2.layout import CLUSTER_SIZE
 from backupd.qcow2.mapping import ClusterMap
@@ -83,13 +83,7 @@ def _intervals(clusters: set[int]) -> list[Interval]:
 
 class _Steps:
     def check_fold(self, repo: VMRepo, what: Fold, key: Key | None = None) -> None:
-        """Every file the fold reads passes the gate, and the key opens the encrypted
-        ones, before anything changes."""
-        target = repo.load(what.target)
-        for disk in sorted(target.disks):
-            with checked_chain(repo, target, disk, encrypted=key is not None) as files:
-                for checked in files if key is not None else ():
-                    _unlock(checked, key, f"backup {checked.backup} of vm {repo.vm}, disk {disk}")
+        check_fold(repo, what, key)  # the gate and the key, as on a local disk
 
     async def fold(
         self, repo: VMRepo, what: Fold, resumed: bool = False, key: Key | None = None
@@ -137,18 +131,6 @@ class _Steps:
 
 
 STEPS = _Steps()
-
-
-def _unlock(checked: CheckedFile, key: Key | None, where: str) -> None:
-    """EncryptionKeyError unless ``key`` opens the encrypted file ``checked``."""
-    if key is None or not checked.facts.encrypted:
-        return
-    from backupd.qcow2.encryption import unlock_file
-
-    try:
-        unlock_file(checked.image.inspectable, key.passphrase, where)
-    except ValueError as exc:  # WrongKey, or a LUKS header refused
-        raise EncryptionKeyError(f"nothing merged: {exc}") from None
 
 
 def _chain_files(
