@@ -18,7 +18,7 @@ from pathlib import Path
 from backupd.commands import CommandContext
 from backupd.errors import UsageError
 from backupd.interrupt import Interrupt, run_interruptible
-from backupd.keys import vm_key
+from backupd.keys import Encryption, vm_key
 from backupd.live import state as live_state
 from backupd.live.flow import (
     LiveOptions,
@@ -116,6 +116,7 @@ async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
     state, output = live.state, live.output
     repo: VMRepository | None = None
     manifest: Manifest | None = None
+    encryption: Encryption | None = None  # the key, when the point is served again
     if live.served.pid() is None and backing_file(output) is not None:
         config = context.config()  # serve again: the daemon is gone (a reboot?)
         root = local_repository(config, "restore --live")
@@ -127,10 +128,9 @@ async def _resume_with(context: CommandContext, live: LiveRestore) -> None:
         repo = root.vm(state.vm)
         repo.refuse_unfinished_merge()
         manifest = repo.load(state.backup)
-        with vm_key(config.vm(state.vm).encryption) as key:
-            await live.resume(repo, manifest, key)
-        return
-    await live.resume(repo, manifest)
+        encryption = config.vm(state.vm).encryption
+    with vm_key(encryption) as key:
+        await live.resume(repo, manifest, key)
 
 
 async def _main(
