@@ -1,20 +1,34 @@
 """The manifest of one backup (``manifest.json``): what was copied, from where, and
-the digests that let ``verify`` prove the stored bytes without the VM."""
+the digests that let ``verify`` prove the stored bytes without the VM.
+
+A full backup of a big disk has 100,000s of digest runs, one per data extent, and a run
+reads its newest manifest to plan the next backup without needing any of them: so each
+disk's runs are stored packed (format 2: base64 of 56-byte records, host offset, length,
+guest offset as little-endian 64-bit integers and the 32-byte digest), and decoded and
+checked only when something uses them (:class:`DigestRuns`).  Format 1 manifests, with
+the runs as JSON lists, are read as before.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 from backupd.digests import ALGORITHMS, KEYED, LEGACY
 from backupd.errors import RepositoryError
 from backupd.names import is_backup_id, is_name
 
-FORMAT = 1
+FORMAT = 2
+#: the formats this version reads (1: digest runs as JSON lists)
+READABLE = (1, 2)
 
 
 class Kind(StrEnum):
@@ -61,7 +75,7 @@ class DiskRecord:
     data_extents: int
     zero_extents: int
     compressed: bool = False
-    digests: tuple[DigestRun, ...] = ()
+    digests: Sequence[DigestRun] = ()
     digest_algorithm: str = LEGACY
     #: seconds from connecting to the export to the synced file (0 when not recorded)
     copy_seconds: float = 0.0
@@ -94,31 +108,24 @@ class Manifest:
         return sum(d.bytes_copied for d in self.disks.values())
 
     def to_json(self) -> str:
-        """Indented JSON; each disk's digest runs one per line, encoded in one C-speed
-        call (a full backup can have 100,000s of them)."""
+        """Indented JSON; each disk's digest runs packed in one string (a full backup
+        can have 100,000s of them: see the module's docstring)."""
         head: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         disks: dict[str, Any] = {}
-        runs: dict[str, str] = {}
-        for index, (name, disk) in enumerate(self.disks.items()):
+        for name, disk in self.disks.items():
             record = {f.name: getattr(disk, f.name) for f in fields(disk)}
-            token = f"@digest-runs-{index}@"
-            record["digests"] = token
-            runs[f'"{token}"'] = json.dumps(disk.digests, separators=(",", ":")).replace(
-                "],[", "],\n  ["
-            )
+            record["digests"] = pack_runs(disk.digests)
             disks[name] = record
         head["disks"] = disks
-        text = json.dumps(head, indent=1, sort_keys=True)
-        for token, body in runs.items():
-            text = text.replace(token, body, 1)
-        return text + "\n"
+        head["format"] = FORMAT
+        return json.dumps(head, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
         """Parse and check a manifest (RepositoryError naming ``where`` and what is wrong):
         a manifest comes from the repository, which is not trusted."""
         try:
-            return _manifest(json.loads(text))
+            return _manifest(json.loads(text), where)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise RepositoryError(f"corrupt manifest {where}: {exc}") from None
 
@@ -179,10 +186,11 @@ class _Fields:
         return value
 
 
-def _manifest(data: object) -> Manifest:
+def _manifest(data: object, where: str) -> Manifest:
     f = _Fields(data, "manifest")
-    if f.data.get("format") != FORMAT or type(f.data.get("format")) is not int:
-        raise ValueError(f"unsupported manifest format {f.data.get('format')!r}")
+    version = f.data.get("format")
+    if type(version) is not int or version not in READABLE:
+        raise ValueError(f"unsupported manifest format {version!r}")
     backup = f.text("id")
     if not is_backup_id(backup):
         raise f.bad("id", "a backup id")
@@ -216,13 +224,13 @@ def _manifest(data: object) -> Manifest:
         reason=f.text("reason"),
         quiesced=f.flag("quiesced"),
         duration=f.seconds("duration"),
-        disks={name: _disk(name, disk) for name, disk in disks.items()},
+        disks={name: _disk(name, disk, version, where) for name, disk in disks.items()},
         status=f.line("status"),
         source=source,
     )
 
 
-def _disk(name: str, data: object) -> DiskRecord:
+def _disk(name: str, data: object, version: int, where: str) -> DiskRecord:
     if not is_name(name):
         raise ValueError(f"invalid disk name {name!r}")
     f = _Fields(data, f"disk {name}")
@@ -252,7 +260,11 @@ def _disk(name: str, data: object) -> DiskRecord:
         data_extents=f.count("data_extents"),
         zero_extents=f.count("zero_extents"),
         compressed=f.flag("compressed", False),
-        digests=_digest_runs(f.get("digests"), disk_end, name),
+        digests=(
+            _digest_runs(f.get("digests"), disk_end, name)
+            if version == 1
+            else DigestRuns.stored(f.get("digests"), disk_end, f"{where}: disk {name}")
+        ),
         digest_algorithm=algorithm,
         copy_seconds=f.seconds("copy_seconds", 0.0),
         encrypted=encrypted,
@@ -284,3 +296,113 @@ def _digest_runs(rows: object, disk_end: int, disk: str) -> tuple[DigestRun, ...
             "inside the disk"
         )
     return tuple(map(DigestRun._make, rows))
+
+
+# ---- format 2: packed digest runs, decoded and checked when used ----------------------
+
+_RUN = struct.Struct("<QQQ32s")
+
+
+def pack_runs(runs: Iterable[DigestRun]) -> str:
+    """The stored form of ``runs`` (base64 of :data:`_RUN` records)."""
+    if isinstance(runs, DigestRuns):
+        return runs.packed
+    pack = _RUN.pack
+    blob = bytearray()
+    for h, n, g, d in runs:
+        digest = bytes.fromhex(d)
+        if len(digest) != 32:
+            raise ValueError(f"a digest of {len(digest)} bytes, not 32")
+        blob += pack(h, n, g, digest)
+    return base64.b64encode(blob).decode("ascii")
+
+
+class DigestRuns(Sequence[DigestRun]):
+    """A disk's digest runs as a manifest stores them: their count is known at once,
+    the runs themselves are decoded and checked on first use (every run: host offset
+    up to 2**63-1, positive length, guest range inside the disk), and a damaged list is
+    a :class:`RepositoryError` naming the manifest then."""
+
+    __slots__ = ("_count", "_disk_end", "_packed", "_runs", "_where")
+
+    def __init__(self, packed: str, disk_end: int, where: str, count: int) -> None:
+        self._packed = packed
+        self._disk_end = disk_end
+        self._where = where
+        self._count = count
+        self._runs: tuple[DigestRun, ...] | None = None
+
+    @classmethod
+    def stored(cls, value: object, disk_end: int, where: str) -> DigestRuns:
+        """The runs of one disk record (``where``: "<manifest>: disk <name>"; ValueError
+        naming the disk when the value cannot be packed runs)."""
+        disk = where.rpartition(": ")[2]
+        if not isinstance(value, str) or not value.isascii() or len(value) % 4:
+            raise ValueError(f"{disk}: digests is not base64 text")
+        size = len(value) // 4 * 3 - (value.endswith("=") + value.endswith("=="))
+        if size % _RUN.size:
+            raise ValueError(f"{disk}: digests is not a whole number of runs")
+        return cls(value, disk_end, where, size // _RUN.size)
+
+    @property
+    def packed(self) -> str:
+        return self._packed
+
+    def runs(self) -> tuple[DigestRun, ...]:
+        """Every run, decoded and checked (once)."""
+        if self._runs is None:
+            self._runs = self._decode()
+        return self._runs
+
+    def _decode(self) -> tuple[DigestRun, ...]:
+        try:
+            blob = base64.b64decode(self._packed, validate=True)
+        except binascii.Error:
+            raise RepositoryError(
+                f"corrupt manifest {self._where}: digests is not base64"
+            ) from None
+        end = self._disk_end
+        rows = _RUN.iter_unpack(blob)
+        runs = tuple(DigestRun(h, n, g, d.hex()) for h, n, g, d in rows)
+        if len(runs) != self._count or not all(
+            h <= MAX_INT and 0 < n <= end - g for h, n, g, _ in runs
+        ):
+            raise RepositoryError(
+                f"corrupt manifest {self._where}: a digest run is not [host offset, length, "
+                "guest offset, digest] inside the disk"
+            )
+        return runs
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> DigestRun: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[DigestRun]: ...
+
+    def __getitem__(self, index: int | slice) -> DigestRun | Sequence[DigestRun]:
+        return self.runs()[index]
+
+    def __iter__(self) -> Iterator[DigestRun]:
+        return iter(self.runs())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DigestRuns) and other._packed == self._packed:
+            return True
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self.runs())
+
+    def __repr__(self) -> str:
+        return f"DigestRuns({self._count} runs)"
+
+
+def check_digests(manifest: Manifest) -> None:
+    """Decode and check every disk's digest runs now (RepositoryError when damaged):
+    before work that must not stop half-way on them, a merge."""
+    for record in manifest.disks.values():
+        if isinstance(record.digests, DigestRuns):
+            record.digests.runs()

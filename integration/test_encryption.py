@@ -21,6 +21,7 @@ from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
 from integration.conftest import MiB, backupd, serving, write_config
 from integration.harness.chain import backups, first_difference
+from integration.harness.digest_runs import first_run
 from integration.harness.vm import QemuVM
 
 #: the byte patterns the guest writes (none may appear in any backup file)
@@ -135,7 +136,7 @@ async def test_encrypted_chain_is_qcow2_luks_that_stock_qemu_reads(
 
 def flip_first_data_byte(folder: Path) -> int:
     """Flip one ciphertext byte of the first digest run of vda; its guest offset."""
-    run = json.loads((folder / "manifest.json").read_text())["disks"]["vda"]["digests"][0]
+    run = first_run(json.loads((folder / "manifest.json").read_text())["disks"]["vda"])
     host, _, guest, _ = run
     with open(folder / "vda.qcow2", "r+b") as f:
         f.seek(host + 100)

@@ -31,6 +31,7 @@ from integration.conftest import MiB, backupd
 from integration.faults_table import record
 from integration.harness import audit
 from integration.harness.chain import read_image
+from integration.harness.digest_runs import first_run
 from integration.harness.hostile import (
     CANARY,
     COMMANDS,
@@ -235,7 +236,7 @@ def test_verify_says_ok_but_depends_on_damaged(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     base_chain(repo / VM)
     record = json.loads((repo / VM / FULL / "manifest.json").read_text())["disks"]["vda"]
-    host = record["digests"][0][0]
+    host = first_run(record).host_offset
     with open(repo / VM / FULL / "vda.qcow2", "r+b") as f:
         f.seek(host + 100)
         byte = f.read(1)

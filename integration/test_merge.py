@@ -24,6 +24,7 @@ from backupd.repository import Repository
 from integration.conftest import MiB, backupd
 from integration.faults_table import record
 from integration.harness.chain import backups, first_difference, qemu_img_check, read_image
+from integration.harness.digest_runs import runs
 from integration.harness.runs import argv
 from integration.harness.vm import QemuVM
 
@@ -125,8 +126,8 @@ async def test_a_flipped_byte_in_a_merged_full_is_found(
     assert backupd(config, "prune", "--vm", "guest1").returncode == 0
     (only,) = backups(tmp_path / "repo")
     assert restores_exactly(only, points[only.name], tmp_path)
-    runs = manifest(only)["disks"]["vda"]["digests"]  # type: ignore[index]
-    host, length, guest, _ = runs[len(runs) // 2]
+    rows = runs(manifest(only)["disks"]["vda"])  # type: ignore[index]
+    host, length, guest, _ = rows[len(rows) // 2]
     with open(only / "vda.qcow2", "r+b") as image:
         image.seek(host + length // 2)
         byte = image.read(1)

@@ -14,6 +14,7 @@ import yaml
 import nbdclient
 from integration.conftest import MiB, backupd, serving
 from integration.harness.chain import backups, make_qcow2, qemu_img_check, qemu_img_compare
+from integration.harness.digest_runs import first_run, runs
 from integration.harness.servers import qemu_nbd
 from integration.harness.vm import QemuVM
 
@@ -177,10 +178,14 @@ async def test_verify_finds_damage(
     legacy = json.loads((found[0] / "manifest.json").read_text())
     record = legacy["disks"]["vda"]
     assert record.pop("digest_algorithm") == "blake3"
+    rows = runs(record)
     with open(found[0] / "vda.qcow2", "rb") as f:
-        for run in record["digests"]:
+        for run in rows:
             f.seek(run[0])
             run[3] = hashlib.sha256(f.read(run[1])).hexdigest()
+    # the earlier form of the runs too: JSON lists (format 1)
+    legacy["format"] = 1
+    record["digests"] = rows
     (found[0] / "manifest.json").write_text(json.dumps(legacy))
     assert backupd(config, "verify", "--vm", "guest1", "--backup", found[0].name).returncode == 0
     good = record["digests"][-1][3]
@@ -192,7 +197,7 @@ async def test_verify_finds_damage(
     (found[0] / "manifest.json").write_text(json.dumps(legacy))
     victim = found[1]
     manifest = json.loads((victim / "manifest.json").read_text())
-    host, length, guest, _ = manifest["disks"]["vda"]["digests"][0]
+    host, length, guest, _ = first_run(manifest["disks"]["vda"])
     path = victim / "vda.qcow2"
     with open(path, "r+b") as f:
         f.seek(host + length // 2)

@@ -21,6 +21,7 @@ import pytest
 from backupd.objectstore import ObjectStore
 from integration.conftest import S3_PREFIX, MiB, backupd, serving
 from integration.harness.chain import first_difference, qemu_img_check, qemu_img_compare
+from integration.harness.digest_runs import runs
 from integration.harness.runs import argv
 from integration.harness.s3server import SwiftS3Server
 from integration.harness.servers import qemu_nbd
@@ -159,7 +160,7 @@ async def test_points_restore_serve_and_verify_from_s3(
     assert verified.stderr.count(": ok (") == 3, verified.stderr
     key = f"{PREFIX}/guest1/{backups[0]}/vda.qcow2"
     manifest = json.loads(await bucket.get(f"{PREFIX}/guest1/{backups[0]}/manifest.json"))
-    host, length, guest, _ = manifest["disks"]["vda"]["digests"][1]
+    host, length, guest, _ = runs(manifest["disks"]["vda"])[1]
     image = bytearray(await bucket.get(key))
     image[host + length // 2] ^= 0x01
     await bucket.put(key, image)

@@ -42,7 +42,7 @@ from backupd.chain import CheckedFile, check_image, checked_chain, image_name
 from backupd.errors import EncryptionKeyError, RepositoryError
 from backupd.faults import checkpoint
 from backupd.keys import Key
-from backupd.manifest import DiskRecord, Kind, Manifest
+from backupd.manifest import DiskRecord, Kind, Manifest, check_digests
 from backupd.merge import opening, records
 from backupd.merge.plan import Direction, Fold
 from backupd.qcow2 import layout
@@ -298,6 +298,8 @@ def check_fold(repo: VMRepo, what: Fold, key: Key | None = None) -> None:
     check that the key opens it, before anything changes (nothing is merged); on any
     storage."""
     target = repo.load(what.target)
+    for backup in (what.target, *what.folded):
+        check_digests(target if backup == what.target else repo.load(backup))
     for disk in sorted(target.disks):
         with checked_chain(repo, target, disk, encrypted=key is not None) as files:
             for checked in files if key is not None else ():

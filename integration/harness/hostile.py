@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from backupd.qcow2 import layout
+from integration.harness.digest_runs import runs, set_runs
 from tests.backupd.crafted import (
     FULL,
     INCREMENTAL,
@@ -91,8 +92,12 @@ def manifest_text(text: str) -> Damage:
     return damage
 
 
-def run0(data: dict[str, Any], index: int, value: object) -> None:
-    data["disks"]["vda"]["digests"][0][index] = value
+def run0(data: dict[str, Any], index: int, value: object, packed: bool = False) -> None:
+    """Set one field of vda's first digest run: in the JSON lists of format 1 (checked
+    when the manifest is read), or ``packed`` (format 2: checked when runs are used)."""
+    rows = runs(data["disks"]["vda"])
+    rows[0][index] = value
+    set_runs(data, "vda", rows, packed)
 
 
 def cycle(vm: Path, outside: Path) -> None:
@@ -112,6 +117,17 @@ def rename_disk(name: str) -> Damage:
 
     return manifest(INCREMENTAL, change)
 
+
+#: the commands that use a manifest's digest runs (prune: its merge keeps them)
+USE_RUNS = frozenset({"verify", "prune"})
+#: packed runs (format 2) out of range: a run, list, restore and serve do not read them
+#: (a run plans from the manifest without decoding its runs), what uses them refuses
+PACKED_RUNS: dict[str, Damage] = {
+    "m-packed-run-zero-length": manifest(INCREMENTAL, lambda d: run0(d, 1, 0, packed=True)),
+    "m-packed-run-huge-length": manifest(INCREMENTAL, lambda d: run0(d, 1, 1 << 62, True)),
+    "m-packed-run-huge-offset": manifest(INCREMENTAL, lambda d: run0(d, 0, 1 << 63, True)),
+    "m-packed-run-past-disk": manifest(INCREMENTAL, lambda d: run0(d, 2, 1 << 40, True)),
+}
 
 MANIFESTS: dict[str, Damage] = {
     "m-not-json": manifest_text("{"),
@@ -355,7 +371,7 @@ def unknown_key(vm: Path, outside: Path) -> None:
 
 
 def run_past_the_file(vm: Path, outside: Path) -> None:
-    manifest(INCREMENTAL, lambda d: run0(d, 0, 1 << 40))(vm, outside)
+    manifest(INCREMENTAL, lambda d: run0(d, 0, 1 << 40, packed=True))(vm, outside)
 
 
 def cases() -> list[Case]:
@@ -364,6 +380,8 @@ def cases() -> list[Case]:
         Case("c-unknown-key", "control", unknown_key, frozenset()),
         Case("m-run-past-file", "crafted manifests", run_past_the_file, frozenset({"verify"})),
     ]
+    for name, damage in PACKED_RUNS.items():
+        found.append(Case(name, "crafted manifests", damage, USE_RUNS))
     for name, damage in MANIFESTS.items():
         damaged = {"m-parent-cycle": (FULL,), "m-parent-missing": ()}.get(name, (INCREMENTAL,))
         found.append(

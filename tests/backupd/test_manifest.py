@@ -12,7 +12,7 @@ import pytest
 
 from backupd.digests import ALGORITHM, hexdigest
 from backupd.errors import RepositoryError
-from backupd.manifest import DigestRun, DiskRecord, Manifest
+from backupd.manifest import DigestRun, DiskRecord, Manifest, check_digests, pack_runs
 
 
 def sample(algorithm: str = ALGORITHM) -> Manifest:
@@ -82,16 +82,30 @@ def test_unknown_algorithm_is_a_corrupt_manifest() -> None:
     "row", [["65536", 65536, 0, "ab"], [65536, 65536, 0], [65536, True, 0, "ab"], "x"]
 )
 def test_bad_digest_row_is_a_corrupt_manifest(row: object) -> None:
-    data = json.loads(sample().to_json())
+    data = format1(sample())
     data["disks"]["vda"]["digests"].append(row)
     with pytest.raises(RepositoryError, match="corrupt manifest m"):
         Manifest.from_json(json.dumps(data), "m")
 
 
-def _damaged(change: Callable[[dict[str, Any]], object]) -> str:
-    data = json.loads(sample().to_json())
+def format1(manifest: Manifest) -> dict[str, Any]:
+    """``manifest`` as a format 1 manifest held it: digest runs as JSON lists."""
+    data = json.loads(manifest.to_json())
+    data["format"] = 1
+    for name, disk in data["disks"].items():
+        disk["digests"] = [list(run) for run in manifest.disks[name].digests]
+    return data
+
+
+def _damaged(change: Callable[[dict[str, Any]], object], old: bool = False) -> str:
+    data = format1(sample()) if old else json.loads(sample().to_json())
     change(data)
     return json.dumps(data)
+
+
+def _run(change: Callable[[list[Any]], object]) -> str:
+    """A format 1 manifest whose first digest run ``change`` damaged."""
+    return _damaged(lambda d: change(d["disks"]["vda"]["digests"][0]), old=True)
 
 
 HOSTILE: dict[str, str] = {
@@ -131,18 +145,74 @@ HOSTILE: dict[str, str] = {
     "cluster size 3": _damaged(lambda d: d["disks"]["vda"].update(cluster_size=3)),
     "bytes a bool": _damaged(lambda d: d["disks"]["vda"].update(bytes_stored=True)),
     "digests a dict": _damaged(lambda d: d["disks"]["vda"].update(digests={})),
-    "run negative length": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(1, -1)),
-    "run zero length": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(1, 0)),
-    "run negative host": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(0, -5)),
-    "run huge host": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(0, 2**64)),
-    "run past the disk": _damaged(
-        lambda d: d["disks"]["vda"]["digests"][0].__setitem__(2, (1 << 20) - 4096)
-    ),
-    "run negative guest": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(2, -1)),
-    "run short digest": _damaged(lambda d: d["disks"]["vda"]["digests"][0].__setitem__(3, "ab")),
-    "run of five": _damaged(lambda d: d["disks"]["vda"]["digests"][0].append(1)),
-    "run a dict": _damaged(lambda d: d["disks"]["vda"]["digests"].append({"a": 1})),
+    "run negative length": _run(lambda r: r.__setitem__(1, -1)),
+    "run zero length": _run(lambda r: r.__setitem__(1, 0)),
+    "run negative host": _run(lambda r: r.__setitem__(0, -5)),
+    "run huge host": _run(lambda r: r.__setitem__(0, 2**64)),
+    "run past the disk": _run(lambda r: r.__setitem__(2, (1 << 20) - 4096)),
+    "run negative guest": _run(lambda r: r.__setitem__(2, -1)),
+    "run short digest": _run(lambda r: r.__setitem__(3, "ab")),
+    "run of five": _run(lambda r: r.append(1)),
+    "run a dict": _damaged(lambda d: d["disks"]["vda"]["digests"].append({"a": 1}), old=True),
+    "format 1 with packed runs": _damaged(lambda d: d.update(format=1)),
+    "format 2 with listed runs": _damaged(lambda d: d["disks"]["vda"].update(digests=[])),
+    "packed runs not base64 text": _damaged(lambda d: d["disks"]["vda"].update(digests="é" * 4)),
+    "packed runs of odd length": _damaged(lambda d: d["disks"]["vda"].update(digests="QUJD=")),
+    "packed runs a partial run": _damaged(lambda d: d["disks"]["vda"].update(digests="QUJD")),
+    "format 3": _damaged(lambda d: d.update(format=3)),
 }
+
+
+def _packed(runs: list[tuple[int, int, int]]) -> str:
+    digest = "ab" * 32
+    return pack_runs(DigestRun(h, n, g, digest) for h, n, g in runs)
+
+
+#: packed runs that are whole runs but wrong: found when the runs are used
+DAMAGED_RUNS: dict[str, str] = {
+    "zero length": _packed([(65536, 0, 0)]),
+    "host past 2**63-1": _packed([(1 << 63, 65536, 0)]),
+    "past the disk": _packed([(65536, 65536, (1 << 20) - 4096)]),
+    "guest past the disk": _packed([(65536, 1, 1 << 62)]),
+    "not base64 after all": "!!!!" * 18 + "!!!=",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_RUNS))
+def test_damaged_packed_runs_are_refused_when_used(case: str) -> None:
+    """A run plans from the manifest without decoding its runs; verify, merge and copy
+    use them, and then a damaged one is one RepositoryError naming manifest and disk."""
+    text = _damaged(lambda d: d["disks"]["vda"].update(digests=DAMAGED_RUNS[case]))
+    manifest = Manifest.from_json(text, "m")
+    record = manifest.disks["vda"]
+    assert record.virtual_size == 1 << 20
+    with pytest.raises(RepositoryError, match="corrupt manifest m: disk vda: "):
+        list(record.digests)
+    with pytest.raises(RepositoryError, match="corrupt manifest m: disk vda: "):
+        check_digests(manifest)
+
+
+def test_packed_runs_round_trip_exactly() -> None:
+    """Format 2 stores the runs as they were (every field, the full 64-bit range of a
+    host offset up to 2**63-1), and a format 1 manifest reads as the same backup."""
+    runs = (
+        DigestRun(65536, 65536, 0, hashlib.sha256(b"a").hexdigest()),
+        DigestRun((1 << 63) - 1, 1, (1 << 20) - 1, hashlib.sha256(b"b").hexdigest()),
+        DigestRun(0, 4096, 8192, hashlib.sha256(b"c").hexdigest()),
+    )
+    manifest = sample()
+    disk = manifest.disks["vda"]
+    manifest.disks["vda"] = DiskRecord(**{**_fields(disk), "digests": runs})
+    again = Manifest.from_json(manifest.to_json(), "m")
+    assert len(again.disks["vda"].digests) == 3
+    assert tuple(again.disks["vda"].digests) == runs
+    assert json.loads(again.to_json())["disks"]["vda"]["digests"] == pack_runs(runs)
+    old = Manifest.from_json(json.dumps(format1(manifest)), "m")
+    assert old == again and tuple(old.disks["vda"].digests) == runs
+
+
+def _fields(record: DiskRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
