@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from qemu.qmp import QMPClient
 
 from integration.conftest import MiB, backupd
 from integration.harness.chain import (
@@ -91,6 +92,15 @@ class Target:
     def live(self, config: Path, *args: str, starting: bool = True) -> asyncio.Task[LiveRun]:
         where = ("--output", str(self.output), "--target-qmp", str(self.qmp_path))
         return asyncio.ensure_future(live_restore(config, *args, *where, starting=starting))
+
+    async def copying(self, config: Path) -> tuple[LiveRun, QemuVM, QMPClient]:
+        """A slow live restore (``--speed 1M``) into this VM, started, once qemu's copy
+        job runs: the run, the VM and its monitor."""
+        run = await self.live(config, *start_args("--speed", "1M"))
+        machine = await self.start()
+        assert machine.qmp is not None
+        await wait_for_copy(machine.qmp)
+        return run, machine, machine.qmp
 
 
 @pytest.fixture
@@ -176,17 +186,14 @@ async def test_sigterm_and_sigkill_leave_the_copy_running_and_resume_finishes_it
     config = config_for(vm)
     expected = bytearray(await back_up(vm, config))
     await vm.quit()
-    run = await target.live(config, *start_args("--speed", "1M"))
-    machine = await target.start()
-    assert machine.qmp is not None
-    await wait_for_copy(machine.qmp)
+    run, machine, qmp = await target.copying(config)
 
     run.signal(signal.SIGTERM)
     code, log = await run.finish()
     assert code == 143, log
     assert "the copy goes on" in log and "--resume" in log and "Traceback" not in log, log
     assert daemon_pid(target.output) is not None
-    job = await copy_job(machine.qmp)
+    job = await copy_job(qmp)
     assert job is not None and job["status"] == "running"
 
     resumed = await target.live(config, "--resume", starting=False)
@@ -214,20 +221,17 @@ async def test_a_copy_that_ended_while_backupd_was_away_is_finished_by_resume(
     config = config_for(vm)
     expected = await back_up(vm, config)
     await vm.quit()
-    run = await target.live(config, *start_args("--speed", "1M"))
-    machine = await target.start()
-    assert machine.qmp is not None
-    await wait_for_copy(machine.qmp)
+    run, _, qmp = await target.copying(config)
     await run.kill()  # SIGKILL
-    await unthrottle(machine.qmp)
-    await wait_for_job_end(machine.qmp)
+    await unthrottle(qmp)
+    await wait_for_job_end(qmp)
     assert backing_of(target.output) is None  # qemu finished the job alone
     pid = daemon_pid(target.output)
     assert pid is not None  # nobody stopped the served point yet
 
     code, log = await (await target.live(config, "--resume", starting=False)).finish()
     assert code == 0, log
-    assert await copy_job(machine.qmp) is None
+    assert await copy_job(qmp) is None
     assert_nothing_served(target.output, tmp_path / "repo", pid)
     await target.stop()
     assert_restored(target.output, expected, tmp_path)
@@ -242,10 +246,7 @@ async def test_a_stopped_vm_and_a_lost_served_point_then_resume(
     config = config_for(vm)
     expected = bytearray(await back_up(vm, config))
     await vm.quit()
-    run = await target.live(config, *start_args("--speed", "1M"))
-    machine = await target.start()
-    assert machine.qmp is not None
-    await wait_for_copy(machine.qmp)
+    run, machine, _ = await target.copying(config)
     await machine.write("vda", 31 * MiB, MiB, 0x5A)
     expected[31 * MiB : 32 * MiB] = b"\x5a" * MiB
     await target.stop()
