@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from backupd.qcow2 import Qcow2Writer
 from backupd.qcow2.encryption import ImageKey, KeySpec
-from integration.harness.chain import qemu_img_check
+from integration.harness.chain import first_difference, qemu_img_check
 
 CLUSTER = 65536
 KINDS = ("data", "zero", "compressed")
@@ -42,6 +43,41 @@ def _content(seed: int, length: int) -> bytes:
     return (block * (-(-length // 4096)))[:length]
 
 
+def _backing(folder: Path, size: int, wanted: bool, expected: bytearray) -> Path | None:
+    """A raw backing file of random bytes (``wanted``), which ``expected`` starts as."""
+    if not wanted:
+        return None
+    backing = folder / "base.raw"
+    base = os.urandom(size)
+    backing.write_bytes(base)
+    expected[:] = base
+    return backing
+
+
+def _data_runs(
+    writer: Qcow2Writer, runs: list[tuple[int, int, str, int]], size: int, expected: bytearray
+) -> Iterator[tuple[int, str, bytes]]:
+    """Write the zero runs, and yield (guest offset, kind, data) of the others for the
+    caller to store; ``expected`` holds what qemu must read back after all of them."""
+    for first, count, kind, seed in runs:
+        offset = first * CLUSTER
+        length = min(count * CLUSTER, size - offset)
+        if kind == "zero":
+            writer.write_zeroes(offset, length)
+            expected[offset : offset + length] = bytes(length)
+            continue
+        data = _content(seed, length)
+        expected[offset : offset + length] = data
+        yield offset, kind, data
+
+
+def _assert_read_back(got: bytes, expected: bytearray, runs: object, size: int) -> None:
+    assert len(got) == size
+    first = first_difference(got, bytes(expected))
+    if first is not None:
+        raise AssertionError(f"differs at byte {first} (runs {runs}, size {size})")
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -53,12 +89,7 @@ def test_qemu_reads_back_what_the_writer_wrote(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         expected = bytearray(size)
-        backing = None
-        if with_backing:
-            backing = folder / "base.raw"
-            base = os.urandom(size)
-            backing.write_bytes(base)
-            expected[:] = base
+        backing = _backing(folder, size, with_backing, expected)
         writer = Qcow2Writer(
             folder / "top.qcow2",
             size,
@@ -66,19 +97,11 @@ def test_qemu_reads_back_what_the_writer_wrote(
             backing_file=backing.name if backing else None,
             backing_format="raw",
         ).open()
-        for first, count, kind, seed in runs:
-            offset = first * CLUSTER
-            length = min(count * CLUSTER, size - offset)
-            if kind == "zero":
-                writer.write_zeroes(offset, length)
-                expected[offset : offset + length] = bytes(length)
-                continue
-            data = _content(seed, length)
-            expected[offset : offset + length] = data
+        for offset, kind, data in _data_runs(writer, runs, size, expected):
             if kind == "data":
-                os.pwrite(writer.fd, data, writer.allocate(offset, length))
+                os.pwrite(writer.fd, data, writer.allocate(offset, len(data)))
                 continue
-            for rel in range(0, length, CLUSTER):  # compressed: cluster by cluster
+            for rel in range(0, len(data), CLUSTER):  # compressed: cluster by cluster
                 piece = data[rel : rel + CLUSTER]
                 packed = writer.compress(piece + bytes(CLUSTER - len(piece)))
                 if packed is None:
@@ -102,11 +125,7 @@ def test_qemu_reads_back_what_the_writer_wrote(
             check=True,
             capture_output=True,
         )
-        got = raw.read_bytes()
-        assert len(got) == size
-        if got != bytes(expected):
-            first = next(i for i in range(size) if got[i] != expected[i])
-            raise AssertionError(f"differs at byte {first} (runs {runs}, size {size})")
+        _assert_read_back(raw.read_bytes(), expected, runs, size)
 
 
 def _stock_qemu_read(image: Path, key: Path, out: Path, backing: bool) -> bytes:
@@ -139,26 +158,13 @@ def test_qemu_reads_back_what_the_writer_encrypted(
         key_file = folder / "key"
         key_file.write_bytes(passphrase)
         expected = bytearray(size)
-        backing = None
-        if with_backing:
-            backing = folder / "base.raw"
-            base = os.urandom(size)
-            backing.write_bytes(base)
-            expected[:] = base
+        backing = _backing(folder, size, with_backing, expected)
         writer = Qcow2Writer(
             folder / "top.qcow2", size, cluster_size=CLUSTER, luks_region=region,
             backing_file=backing.name if backing else None, backing_format="raw",
         ).open()  # fmt: skip
-        for first, count, kind, seed in runs:
-            offset = first * CLUSTER
-            length = min(count * CLUSTER, size - offset)
-            if kind == "zero":
-                writer.write_zeroes(offset, length)
-                expected[offset : offset + length] = bytes(length)
-                continue
-            data = _content(seed, length)
-            expected[offset : offset + length] = data
-            host = writer.allocate(offset, length)
+        for offset, _, data in _data_runs(writer, runs, size, expected):
+            host = writer.allocate(offset, len(data))
             sealed = bytearray(data)
             key.cipher.encrypt(sealed, host)  # whole sectors: disks are
             os.pwrite(writer.fd, sealed, host)
@@ -168,7 +174,4 @@ def test_qemu_reads_back_what_the_writer_encrypted(
             if kind != "zero":
                 assert _content(seed, 4096)[:64] not in stored
         got = _stock_qemu_read(folder / "top.qcow2", key_file, folder / "out.raw", with_backing)
-        assert len(got) == size
-        if got != bytes(expected):
-            first = next(i for i in range(size) if got[i] != expected[i])
-            raise AssertionError(f"differs at byte {first} (runs {runs}, size {size})")
+        _assert_read_back(got, expected, runs, size)
