@@ -182,6 +182,14 @@ def backupd(config: Path, *args: str, timeout: float = 120) -> subprocess.Comple
     )
 
 
+def restore_backup(
+    config: Path, backup: str, output: Path, *extra: str, disk: str = "vda"
+) -> subprocess.CompletedProcess[str]:
+    """``backupd restore`` of one disk of guest1's backup ``backup`` into ``output``."""
+    where = ("--vm", "guest1", "--backup", backup, "--disk", disk, "--output", str(output))
+    return backupd(config, "restore", *where, *extra)
+
+
 @contextlib.contextmanager
 def serving(config: Path, *where: str, vm: str = "guest1") -> Iterator[str]:
     """``backupd serve --vm VM WHERE...`` in the background: yields the URI it prints,

@@ -19,7 +19,7 @@ from backupd.config import load_config
 from backupd.keys import keygen, vm_key
 from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
-from integration.conftest import MiB, backupd, serving, write_config
+from integration.conftest import MiB, backupd, restore_backup, serving, write_config
 from integration.harness.chain import backups, first_difference
 from integration.harness.digest_runs import first_run
 from integration.harness.vm import QemuVM
@@ -118,10 +118,7 @@ async def test_encrypted_chain_is_qcow2_luks_that_stock_qemu_reads(
     # backupd restore and serve of every point
     for folder, expected in zip(found, points, strict=True):
         out = tmp_path / f"{folder.name}.raw"
-        result = backupd(
-            config, "restore", "--vm", "guest1", "--backup", folder.name,
-            "--disk", "vda", "--output", str(out),
-        )  # fmt: skip
+        result = restore_backup(config, folder.name, out)
         assert result.returncode == 0, result.stderr
         assert first_difference(out.read_bytes(), expected) is None, folder.name
         with serving(config, "--backup", folder.name) as uri:
@@ -184,16 +181,10 @@ async def test_wrong_key_flipped_byte_and_rekey(
     old_config = config
     for folder, expected in zip(found, points, strict=True):
         raw = tmp_path / f"new-{folder.name}.raw"
-        result = backupd(
-            new_config, "restore", "--vm", "guest1", "--backup", folder.name,
-            "--disk", "vda", "--output", str(raw),
-        )  # fmt: skip
+        result = restore_backup(new_config, folder.name, raw)
         assert result.returncode == 0, result.stderr
         assert first_difference(raw.read_bytes(), expected) is None
-        stale = backupd(
-            old_config, "restore", "--vm", "guest1", "--backup", folder.name,
-            "--disk", "vda", "--output", str(tmp_path / "stale.raw"),
-        )  # fmt: skip
+        stale = restore_backup(old_config, folder.name, tmp_path / "stale.raw")
         assert stale.returncode == 2, stale.stderr
         assert not (tmp_path / "stale.raw").exists()
     assert backupd(new_config, "verify", "--vm", "guest1", "--all").returncode == 0
@@ -232,10 +223,7 @@ async def test_prune_merges_an_encrypted_chain(
         == ids[0]
     )
     raw = tmp_path / "gap.raw"
-    result = backupd(
-        config, "restore", "--vm", "guest1", "--backup", ids[2],
-        "--disk", "vda", "--output", str(raw),
-    )  # fmt: skip
+    result = restore_backup(config, ids[2], raw)
     assert result.returncode == 0 and raw.read_bytes() == points[2], result.stderr
     assert backupd(config, "verify", "--vm", "guest1", "--all").returncode == 0
     del ids[1], points[1]
@@ -248,10 +236,7 @@ async def test_prune_merges_an_encrypted_chain(
     assert [f.name for f in kept] == ids[3:]
     for folder in kept:
         raw = tmp_path / f"{folder.name}.raw"
-        restored = backupd(
-            config, "restore", "--vm", "guest1", "--backup", folder.name,
-            "--disk", "vda", "--output", str(raw),
-        )  # fmt: skip
+        restored = restore_backup(config, folder.name, raw)
         assert restored.returncode == 0, restored.stderr
         assert first_difference(raw.read_bytes(), points[ids.index(folder.name)]) is None
         image = (folder / "vda.qcow2").read_bytes()

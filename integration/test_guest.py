@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import BootGuest, MiB, backupd
+from integration.conftest import BootGuest, MiB, backupd, restore_backup
 from integration.faults_table import record
 from integration.harness.chain import qemu_img_check
 from integration.harness.ext4 import (
@@ -43,8 +43,7 @@ def point_ids(repo: Path, vm: str = "guest1") -> list[str]:
 
 
 def restore(config: Path, backup: str, output: Path, fmt: str = "raw") -> Path:
-    where = ("--vm", "guest1", "--backup", backup, "--disk", "vda")
-    result = backupd(config, "restore", *where, "--output", str(output), "--format", fmt)
+    result = restore_backup(config, backup, output, "--format", fmt)
     assert result.returncode == 0, result.stderr
     return output
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import nbdclient
-from integration.conftest import MiB, backupd, serving
+from integration.conftest import MiB, backupd, restore_backup, serving
 from integration.harness.chain import backups, make_qcow2, qemu_img_check, qemu_img_compare
 from integration.harness.digest_runs import first_run, runs
 from integration.harness.servers import qemu_nbd
@@ -37,21 +37,7 @@ async def make_chain(vm: QemuVM, config: Path, rounds: int = 4) -> list[bytes]:
 def restore(
     config: Path, out: Path, backup: str, fmt: str = "raw", *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    return backupd(
-        config,
-        "restore",
-        "--vm",
-        "guest1",
-        "--backup",
-        backup,
-        "--disk",
-        "vda",
-        "--output",
-        str(out),
-        "--format",
-        fmt,
-        *extra,
-    )
+    return restore_backup(config, backup, out, "--format", fmt, *extra)
 
 
 async def test_every_point_restores_exactly(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from backupd.objectstore import ObjectStore
-from integration.conftest import S3_PREFIX, MiB, backupd, serving
+from integration.conftest import S3_PREFIX, MiB, backupd, restore_backup, serving
 from integration.harness.chain import first_difference, qemu_img_check, qemu_img_compare
 from integration.harness.digest_runs import runs
 from integration.harness.runs import argv
@@ -48,18 +48,8 @@ def committed(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def restore_raw(config: Path, backup: str, out: Path) -> bytes:
-    ok(
-        config,
-        "restore",
-        "--vm",
-        "guest1",
-        "--backup",
-        backup,
-        "--disk",
-        "vda",
-        "--output",
-        str(out),
-    )
+    result = restore_backup(config, backup, out)
+    assert result.returncode == 0, result.stderr
     data = out.read_bytes()
     out.unlink()
     return data
