@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from backupd.errors import ConfigError, EncryptionKeyError, UsageError
 from backupd.qcow2 import luks
+from backupd.repofiles import fsync_dir
 
 if TYPE_CHECKING:  # the ciphers (numpy, cryptography) are imported when a key is used
     from backupd.qcow2.encryption import ImageKey, KeySpec
@@ -231,8 +232,4 @@ def keygen(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_dir(path.parent)

@@ -27,7 +27,7 @@ from backupd.faults import checkpoint
 from backupd.lock import vm_lock
 from backupd.manifest import Manifest
 from backupd.names import check_name, is_backup_id
-from backupd.repofiles import open_folder, open_regular
+from backupd.repofiles import fsync_dir, open_folder, open_regular
 from backupd.storage.images import LocalImage
 from backupd.storage.vmrepo import (
     ID_FORMAT,
@@ -49,14 +49,6 @@ __all__ = ["ID_FORMAT", "MANIFEST", "MERGE_JOURNAL", "Repository", "VMRepository
 
 STAGING_PREFIX = ".tmp-"
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StagedBackup:
