@@ -44,17 +44,26 @@ def make_disk(path: Path, size: int, runs: list[tuple[int, int]], seed: int) -> 
     return sum(n for _, n in runs)
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of a command."""
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
+    """Wall time, CPU seconds (user + system), peak RSS (KiB) and output of a command."""
     start = time.perf_counter()
     proc = subprocess.run(
-        ["/usr/bin/time", "-f", "RSS=%M", *cmd], capture_output=True, text=True, env=env
+        ["/usr/bin/time", "-f", "CPU=%U+%S RSS=%M", *cmd], capture_output=True, text=True, env=env
     )
     took = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    match = re.findall(r"RSS=(\d+)", proc.stderr)
-    return took, int(match[-1]) if match else 0
+    found = re.findall(r"CPU=([\d.]+)\+([\d.]+) RSS=(\d+)", proc.stderr)
+    if not found:
+        return took, 0.0, 0, proc.stdout
+    user, system, rss = found[-1]
+    return took, float(user) + float(system), int(rss), proc.stdout
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of a command."""
+    took, _, rss, _ = measure(cmd, env)
+    return took, rss
 
 
 def backupd_cmd(config: Path, *args: str) -> list[str]:

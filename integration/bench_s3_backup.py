@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import yaml
 
 from integration.bench import backupd_cmd, make_disk, med
+from integration.bench_common import measure
 from integration.harness.vm import QemuVM
 
 MiB = 1 << 20
@@ -80,24 +80,9 @@ async def _upload(store: Any, path: Path, key: str) -> None:
         os.close(fd)
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
-    """Wall time, CPU seconds, peak RSS (KiB) and output of a command."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        ["/usr/bin/time", "-f", "CPU=%U+%S RSS=%M", *cmd], capture_output=True, text=True, env=env
-    )
-    took = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    tail = proc.stderr.rsplit("CPU=", 1)[1]
-    user, system = tail.split()[0].split("+")
-    rss = int(tail.split("RSS=")[1].split()[0])
-    return took, float(user) + float(system), rss, proc.stdout
-
-
 def _reference_run(paths: list[Path], target: dict[str, object]) -> tuple[float, float, int]:
     cmd = [sys.executable, "-m", "integration.bench_s3_backup", "--reference", *map(str, paths)]
-    _, cpu, rss, out = timed(cmd, {**os.environ, ENV: json.dumps(target)})
+    _, cpu, rss, out = measure(cmd, {**os.environ, ENV: json.dumps(target)})
     return json.loads(out.splitlines()[-1])["seconds"], cpu, rss
 
 
@@ -193,7 +178,7 @@ async def _rounds(
         for what in order:
             if what == "backup":
                 await _bucket_ops(target, "clear", "repo/")
-                took, cpu, rss, _ = timed(backupd_cmd(config, "run", "--vm", "guest1", "--full"))
+                took, cpu, rss, _ = measure(backupd_cmd(config, "run", "--vm", "guest1", "--full"))
                 manifest = await _bucket_ops(target, "manifest", "repo/guest1/")
                 assert isinstance(manifest, dict)
                 note("backup wall", took)
