@@ -263,12 +263,15 @@ def _disk(name: str, data: object, version: int, where: str) -> DiskRecord:
         digests=(
             _digest_runs(f.get("digests"), disk_end, name)
             if version == 1
-            else DigestRuns.stored(f.get("digests"), disk_end, f"{where}: disk {name}")
+            else DigestRuns.stored(f.get("digests"), disk_end, where, name)
         ),
         digest_algorithm=algorithm,
         copy_seconds=f.seconds("copy_seconds", 0.0),
         encrypted=encrypted,
     )
+
+
+_BAD_RUN = "a digest run is not [host offset, length, guest offset, digest] inside the disk"
 
 
 def _digest_runs(rows: object, disk_end: int, disk: str) -> tuple[DigestRun, ...]:
@@ -291,10 +294,7 @@ def _digest_runs(rows: object, disk_end: int, disk: str) -> tuple[DigestRun, ...
     except (TypeError, ValueError):  # a run that is not four items
         sound = False
     if not sound:
-        raise ValueError(
-            f"disk {disk}: a digest run is not [host offset, length, guest offset, digest] "
-            "inside the disk"
-        )
+        raise ValueError(f"disk {disk}: {_BAD_RUN}")
     return tuple(map(DigestRun._make, rows))
 
 
@@ -333,16 +333,15 @@ class DigestRuns(Sequence[DigestRun]):
         self._runs: tuple[DigestRun, ...] | None = None
 
     @classmethod
-    def stored(cls, value: object, disk_end: int, where: str) -> DigestRuns:
-        """The runs of one disk record (``where``: "<manifest>: disk <name>"; ValueError
-        naming the disk when the value cannot be packed runs)."""
-        disk = where.rpartition(": ")[2]
+    def stored(cls, value: object, disk_end: int, manifest: str, disk: str) -> DigestRuns:
+        """The runs of one disk record of ``manifest`` (ValueError naming the disk when
+        the value cannot be packed runs)."""
         if not isinstance(value, str) or not value.isascii() or len(value) % 4:
-            raise ValueError(f"{disk}: digests is not base64 text")
+            raise ValueError(f"disk {disk}: digests is not base64 text")
         size = len(value) // 4 * 3 - (value.endswith("=") + value.endswith("=="))
         if size % _RUN.size:
-            raise ValueError(f"{disk}: digests is not a whole number of runs")
-        return cls(value, disk_end, where, size // _RUN.size)
+            raise ValueError(f"disk {disk}: digests is not a whole number of runs")
+        return cls(value, disk_end, f"{manifest}: disk {disk}", size // _RUN.size)
 
     @property
     def packed(self) -> str:
@@ -367,10 +366,7 @@ class DigestRuns(Sequence[DigestRun]):
         if len(runs) != self._count or not all(
             h <= MAX_INT and 0 < n <= end - g for h, n, g, _ in runs
         ):
-            raise RepositoryError(
-                f"corrupt manifest {self._where}: a digest run is not [host offset, length, "
-                "guest offset, digest] inside the disk"
-            )
+            raise RepositoryError(f"corrupt manifest {self._where}: {_BAD_RUN}")
         return runs
 
     def __len__(self) -> int:
