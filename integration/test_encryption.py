@@ -20,7 +20,7 @@ from backupd.keys import keygen, vm_key
 from backupd.merge.execute import merge_vm
 from backupd.repository import Repository
 from integration.conftest import MiB, backupd, restore_backup, serving, write_config
-from integration.harness.chain import backups, first_difference
+from integration.harness.chain import backing_of, backups, first_difference, image_info
 from integration.harness.digest_runs import first_run
 from integration.harness.vm import QemuVM
 
@@ -47,13 +47,7 @@ def qemu_read(image: Path, key: Path, tmp: Path) -> bytes:
     depth = 0
     probe: Path | None = image
     while probe is not None:  # one key-secret option per file of the chain
-        info = json.loads(
-            subprocess.run(
-                ["qemu-img", "info", "-U", "--output=json", str(probe)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-        )  # fmt: skip
-        backing = info.get("backing-filename")
+        backing = backing_of(probe)
         probe = (probe.parent / backing).resolve() if backing else None
         depth += 1
     secrets = ",".join(f"{'backing.' * level}encrypt.key-secret=s0" for level in range(depth))
@@ -99,12 +93,7 @@ async def test_encrypted_chain_is_qcow2_luks_that_stock_qemu_reads(
     assert len(found) == 3
     for folder in found:
         image = folder / "vda.qcow2"
-        info = json.loads(
-            subprocess.run(
-                ["qemu-img", "info", "-U", "--output=json", str(image)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-        )  # fmt: skip
+        info = image_info(image)
         assert info["encrypted"] is True
         assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
         raw = image.read_bytes()

@@ -8,7 +8,6 @@ and a wrong key stops with exit 2 and nothing written."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from backupd.objectstore import ObjectStore
 from integration.conftest import backupd
-from integration.harness.chain import first_difference
+from integration.harness.chain import first_difference, image_info
 from integration.harness.vm import QemuVM
 from integration.test_encryption import make_key, qemu_read
 from integration.test_s3_repository import PREFIX, ids, make_points, ok, restore_raw
@@ -86,10 +85,7 @@ async def test_encrypted_chain_in_a_bucket(
     copied = ok(config, "copy", "--vm", "guest1", "--to", str(local))
     assert "copied=2" in copied.stderr, copied.stderr
     newest = local / "guest1" / backups[-1] / "vda.qcow2"
-    info = json.loads(
-        subprocess.run(["qemu-img", "info", "-U", "--output=json", str(newest)],
-                       capture_output=True, text=True, check=True).stdout
-    )  # fmt: skip
+    info = image_info(newest)
     assert info["encrypted"] is True and info["backing-filename"] == f"../{backups[1]}/vda.qcow2"
     assert first_difference(qemu_read(newest, key, tmp_path), points[backups[-1]]) is None
     # without the key, copy refuses the encrypted backups (nothing copied)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
@@ -49,16 +50,20 @@ def read_image(path: Path, tmp: Path) -> bytes:
     return data
 
 
+def image_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of ``path`` (without taking its lock), as JSON."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
 def backing_of(path: Path) -> str | None:
-    info = json.loads(
-        subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    backing: str | None = info.get("backing-filename")
+    backing: str | None = image_info(path).get("backing-filename")
     return backing
 
 

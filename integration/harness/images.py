@@ -4,24 +4,18 @@ whether a process still holds them locked, and the configuration of ``images:``.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import time
 from pathlib import Path
 
+from integration.harness.chain import image_info
 from integration.harness.vm import QemuVM
 
 
 def image_bitmaps(path: Path) -> dict[str, list[str]]:
     """Bitmap name -> flags ("auto": recording, "in-use": left by a qemu that did not
     close the image) as the qcow2 file holds them."""
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    data = json.loads(out.stdout).get("format-specific", {}).get("data", {})
+    data = image_info(path).get("format-specific", {}).get("data", {})
     return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
 
 
